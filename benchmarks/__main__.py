@@ -1,0 +1,14 @@
+"""Run every benchmark in turn: ``python -m benchmarks``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = ["metrics"]
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or BENCHMARKS
+    for name in names:
+        print(f"== {name}")
+        importlib.import_module(f"benchmarks.{name}").main([])

@@ -1,0 +1,3 @@
+"""calibprompt: calibration-aware prompt tuning for medical vision-language models."""
+
+__version__ = "0.1.0"

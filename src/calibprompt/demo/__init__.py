@@ -1,0 +1,1 @@
+"""Demonstrations that run offline on generated data (``calibprompt demo``)."""

@@ -1,0 +1,87 @@
+"""The command line: metrics, losses and the demo, including bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from calibprompt import metrics as M
+from calibprompt.cli import main
+from calibprompt.demo.calibration import simulate
+
+
+@pytest.fixture
+def predictions(tmp_path):
+    z, y = simulate(300, n_classes=4, seed=0)
+    zf, yf = simulate(60, n_classes=4, seed=1)
+    np.savez(tmp_path / "test.npz", logits=z, labels=y)
+    np.savez(tmp_path / "fit.npz", logits=zf, labels=yf)
+    return tmp_path, z, y
+
+
+def test_metrics_command_writes_json_and_plot(predictions, capsys):
+    tmp, z, y = predictions
+    code = main(["metrics", str(tmp / "test.npz"), "--n-bins", "10", "--bootstrap", "50",
+                 "--json", str(tmp / "m.json"), "--plot", str(tmp / "r.png")])
+    assert code == 0
+    out = json.loads((tmp / "m.json").read_text())
+    probs = np.exp(z - z.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    assert out["ece"] == pytest.approx(M.ece(probs, y, 10))
+    assert out["ece_ci"][0] <= out["ece_ci"][1]
+    assert (tmp / "r.png").stat().st_size > 1000
+    assert "ece" in capsys.readouterr().out
+
+
+def test_metrics_with_temperature_scaling(predictions):
+    tmp, _, _ = predictions
+    assert main(["metrics", str(tmp / "test.npz"), "--calibrate", "temperature",
+                 "--fit-on", str(tmp / "fit.npz"), "--json", str(tmp / "c.json")]) == 0
+    out = json.loads((tmp / "c.json").read_text())
+    assert out["calibrator"]["calibrator"] == "temperature"
+    assert out["calibrator"]["temperature"] > 1.0  # the simulated model is overconfident
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["metrics", "missing.npz"], "missing.npz: file not found"),
+        (["metrics", "{tmp}/bad.npz"], "expected arrays 'labels' and 'logits' or 'probs'"),
+        (["metrics", "{tmp}/test.npz", "--calibrate", "temperature"], "needs --fit-on"),
+        (["metrics", "{tmp}/probs.npz"], "apply softmax first"),
+    ],
+)
+def test_metrics_bad_input(predictions, capsys, args, message):
+    tmp, z, y = predictions
+    np.savez(tmp / "bad.npz", scores=z)
+    np.savez(tmp / "probs.npz", probs=z, labels=y)  # logits stored as probs
+    code = main([a.format(tmp=tmp) for a in args] + ["--json", str(tmp / "never.json")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp / "never.json").exists()
+
+
+def test_losses_and_help_list_examples(capsys):
+    assert main(["losses"]) == 0
+    out = capsys.readouterr().out
+    assert "smac" in out and "calibprompt" in out
+    with pytest.raises(SystemExit):
+        main(["metrics", "--help"])
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_console_script_runs_the_demo(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "calibprompt.cli", "demo", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["metrics"]
+    # temperature scaling fitted on 50 samples removes most of the simulated overconfidence
+    assert rows["temperature"]["ece"] < rows["uncalibrated"]["ece"] / 3
+    assert rows["temperature"]["accuracy"] == rows["uncalibrated"]["accuracy"]
+    assert (tmp_path / "reliability_temperature.png").exists()
+    assert "fitted temperature" in result.stdout
