@@ -1,0 +1,203 @@
+"""Transformers ``CLIPModel`` checkpoints: PLIP (``vinid/plip``) and any other Hugging Face CLIP.
+
+The text path runs the model's own modules -- ``embeddings`` (adds position embeddings to the
+given word embeddings), every ``encoder`` layer under a causal mask, ``final_layer_norm``, EOT
+pooling, ``text_projection`` -- and works on transformers 4.x and 5.x (5.x passes the causal mask
+as ``attention_mask`` and returns plain tensors from encoder layers; 4.x takes it as
+``causal_attention_mask`` and returns tuples).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from calibprompt.backbones.base import Backbone, BackboneLoadError, TokenBatch
+from calibprompt.backbones.sources import hub_repo, is_hub_id
+from calibprompt.backbones.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_transform
+
+__all__ = ["HFClipBackbone", "load_hf_clip", "load_plip", "output_tensor"]
+
+PLIP_HUB = "vinid/plip"
+HF_CLIP_LAYOUT = """  DIR/config.json                    (CLIPConfig)
+  DIR/model.safetensors              (or pytorch_model.bin)
+  DIR/vocab.json, DIR/merges.txt, DIR/tokenizer_config.json, DIR/special_tokens_map.json
+  DIR/preprocessor_config.json       (CLIPImageProcessor: size, crop_size, image_mean, image_std)"""
+
+
+def output_tensor(output: Any, attribute: str = "pooler_output") -> torch.Tensor:
+    """A tensor from a transformers call that returns either a tensor (4.x ``get_*_features``)
+    or an output object (5.x)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple):
+        return output[1] if attribute == "pooler_output" else output[0]
+    return getattr(output, attribute)
+
+
+def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive (1, 1, L, L) mask: 0 on and below the diagonal, the dtype's minimum above."""
+    mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return mask.triu_(1)[None, None]
+
+
+class HFClipBackbone(Backbone):
+    """A transformers ``CLIPModel`` behind the Backbone interface."""
+
+    family = "hf_clip"
+    causal = True
+
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, name: str, preprocess: dict[str, Any],
+        device: str | torch.device = "cpu", precision: str = "fp32", source: str | None = None,
+        context_length: int = 77,
+    ) -> None:
+        super().__init__(precision=precision, source=source)
+        self.model = model
+        self.name = name
+        self.tokenizer = tokenizer
+        self.preprocess = dict(preprocess)
+        self.context_length = int(context_length)
+        self.embed_dim = int(model.config.projection_dim)
+        self._text = model.text_model
+        self._eos_id = int(model.config.text_config.eos_token_id)
+        layer = self._text.encoder.layers[0]
+        self._legacy_layers = "causal_attention_mask" in inspect.signature(layer.forward).parameters
+        self._freeze(device)
+
+    # -- text ----------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> TokenBatch:
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        check_prompt_lengths(self.tokenizer, texts, self.context_length, self.name)
+        enc = self.tokenizer(texts, padding="max_length", max_length=self.context_length,
+                             truncation=True, return_tensors="pt")
+        ids = enc["input_ids"].to(self.device)
+        if self._eos_id == 2:  # legacy configs: EOT is the largest id (what CLIPTextModel does)
+            eot = ids.argmax(dim=-1)
+        else:
+            eot = (ids == self._eos_id).int().argmax(dim=-1)
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        mask = (positions[None, :] <= eot[:, None]).long()
+        return TokenBatch(ids, mask, eot, eot + 1)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._text.embeddings.token_embedding(ids)
+
+    def _encode_embeddings(self, embeds: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        hidden = self._text.embeddings(inputs_embeds=embeds)
+        mask = causal_mask(hidden.shape[1], hidden.dtype, hidden.device)
+        for layer in self._text.encoder.layers:
+            out = layer(hidden, None, mask) if self._legacy_layers else layer(hidden, mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+        hidden = self._text.final_layer_norm(hidden)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.eot_index]
+        return self.model.text_projection(pooled)
+
+    # -- images --------------------------------------------------------------------------------
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model.vision_model(pixel_values=pixels)
+        return self.model.visual_projection(output_tensor(out))
+
+    def image_transform(self, train: bool = False) -> Callable[[Any], torch.Tensor]:
+        p = self.preprocess
+        return clip_transform(p["size"], p["mean"], p["std"], train=train)
+
+    # -- identity ------------------------------------------------------------------------------
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp().float())
+
+    def architecture(self) -> dict[str, Any]:
+        return {"config": self.model.config.to_dict(), "preprocess": self.preprocess,
+                "context_length": self.context_length}
+
+
+def check_prompt_lengths(tokenizer: Any, texts: list[str], context_length: int, name: str) -> None:
+    """Refuse prompts longer than the context instead of silently truncating them."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+    too_long = [(t, n) for t, n in zip(texts, lengths, strict=True) if n > context_length]
+    if too_long:
+        text, n = too_long[0]
+        raise ValueError(
+            f"{name}: prompt {text[:80]!r} has {n} tokens, more than the context length "
+            f"{context_length} ({len(too_long)} prompt(s) too long); shorten the class name or "
+            "use fewer context tokens"
+        )
+
+
+def _preprocess_config(path: Path | None) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    if path is not None and path.is_file():
+        data = json.loads(path.read_text())
+
+    def edge(value: Any, default: int = 224) -> int:
+        if isinstance(value, dict):
+            return int(value.get("shortest_edge") or value.get("height") or default)
+        return int(value or default)
+
+    return {
+        "size": edge(data.get("crop_size", data.get("size"))),
+        "resize": edge(data.get("size")),
+        "mean": list(data.get("image_mean", OPENAI_CLIP_MEAN)),
+        "std": list(data.get("image_std", OPENAI_CLIP_STD)),
+    }
+
+
+def load_hf_clip(
+    name: str, source: str, device: str | torch.device = "cpu", precision: str = "fp32",
+    context_length: int = 77,
+) -> HFClipBackbone:
+    """A transformers CLIPModel + CLIPTokenizer from a hub id or a local directory."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    what = f"backbone '{name}'"
+    hub = is_hub_id(source)
+    location = hub_repo(source) if hub else str(Path(source).expanduser())
+    if not hub:
+        root = Path(location)
+        if not root.is_dir():
+            raise BackboneLoadError(f"{what}: '{root}' is not a directory. Expected:\n{HF_CLIP_LAYOUT}")
+        missing = [f for f in ("config.json", "vocab.json", "merges.txt") if not (root / f).is_file()]
+        if not any((root / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+            missing.append("model.safetensors (or pytorch_model.bin)")
+        if missing:
+            raise BackboneLoadError(f"{what}: '{root}' lacks {missing}. Expected:\n{HF_CLIP_LAYOUT}")
+    try:
+        model = CLIPModel.from_pretrained(location)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except BackboneLoadError:
+        raise
+    except Exception as exc:
+        hint = ("To use it offline, download the repository once and pass the directory as "
+                "weights=DIR (CLI: --weights DIR)." if hub else "Is it a CLIPModel checkpoint?")
+        raise BackboneLoadError(
+            f"{what}: could not load a CLIPModel from '{location}' ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300]}). {hint} Expected layout:\n{HF_CLIP_LAYOUT}"
+        ) from exc
+    pre_path = None
+    if hub:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            pre_path = Path(hf_hub_download(location, "preprocessor_config.json"))
+        except Exception:
+            pre_path = None  # fall back to CLIP's defaults (224, OpenAI mean/std)
+    else:
+        pre_path = Path(location) / "preprocessor_config.json"
+    return HFClipBackbone(model, tokenizer, name, _preprocess_config(pre_path), device=device,
+                          precision=precision, source=source, context_length=context_length)
+
+
+def load_plip(weights: str | None = None, device: str | torch.device = "cpu",
+              precision: str = "fp32") -> HFClipBackbone:
+    """PLIP (Huang et al. 2023): a transformers CLIPModel, always tokenised to 77 tokens (its
+    tokenizer sets no maximum length)."""
+    return load_hf_clip("plip", weights or PLIP_HUB, device, precision, context_length=77)

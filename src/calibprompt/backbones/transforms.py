@@ -1,0 +1,92 @@
+"""Image preprocessing of each family, as picklable torchvision pipelines.
+
+- CLIP-style (PLIP, QuiltNet, BiomedCLIP, open_clip): evaluation = resize the shorter side to
+  ``size`` (bicubic) + centre crop + RGB + normalise with the checkpoint's mean/std -- open_clip's
+  own evaluation transform; training = the prompt-tuning augmentation of SPEC.md §6,
+  RandomResizedCrop(size, scale 0.08–1, bicubic) + horizontal flip.
+- MedCLIP: grayscale, zero-padded to a square (at least ``size``), resized to ``size`` x ``size``
+  (bilinear, as its evaluation dataset), normalised with its single-channel mean/std and repeated
+  to 3 channels; training replaces the resize with the same RandomResizedCrop + flip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+__all__ = [
+    "MEDCLIP_MEAN",
+    "MEDCLIP_STD",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "clip_transform",
+    "medclip_transform",
+]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MEDCLIP_MEAN = 0.5862785803043838
+MEDCLIP_STD = 0.27950088968644304
+
+_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class PadToSquare:
+    """Grayscale and zero-pad to a centred square of side ``max(min_size, width, height)``
+    (MedCLIP's ``_pad_img``)."""
+
+    def __init__(self, min_size: int = 224) -> None:
+        self.min_size = min_size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        image = image.convert("L")
+        x, y = image.size
+        size = max(self.min_size, x, y)
+        canvas = Image.new("L", (size, size), 0)
+        canvas.paste(image, (int((size - x) / 2), int((size - y) / 2)))
+        return canvas
+
+    def __repr__(self) -> str:
+        return f"PadToSquare(min_size={self.min_size})"
+
+
+class RepeatChannels:
+    """(1, H, W) -> (3, H, W)."""
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.repeat(3, 1, 1) if tensor.shape[0] == 1 else tensor
+
+    def __repr__(self) -> str:
+        return "RepeatChannels()"
+
+
+def _train_crop(size: int) -> list:
+    return [T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip()]
+
+
+def clip_transform(
+    size: int, mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
+    train: bool = False, interpolation: str = "bicubic",
+) -> T.Compose:
+    """CLIP-style preprocessing (see the module docstring)."""
+    if train:
+        geometry = _train_crop(size)
+    else:
+        geometry = [T.Resize(size, interpolation=_INTERPOLATION[interpolation]), T.CenterCrop(size)]
+    return T.Compose([*geometry, to_rgb, T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
+
+
+def medclip_transform(size: int = 224, train: bool = False) -> T.Compose:
+    """MedCLIP preprocessing (see the module docstring)."""
+    geometry = _train_crop(size) if train else [T.Resize((size, size))]
+    return T.Compose([PadToSquare(size), *geometry, T.ToTensor(),
+                      T.Normalize((MEDCLIP_MEAN,), (MEDCLIP_STD,)), RepeatChannels()])
