@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 from calibprompt import losses as L
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """The loop references are float64; restore the default so other test modules are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def batch(b: int = 12, c: int = 4, seed: int = 0, scale: float = 3.0):
