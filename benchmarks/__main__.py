@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["metrics"]
+BENCHMARKS = ["metrics", "text_encoder"]
 
 if __name__ == "__main__":
     names = sys.argv[1:] or BENCHMARKS

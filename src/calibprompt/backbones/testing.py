@@ -188,3 +188,38 @@ def medclip_reference_text(model, tokenizer, texts: list[str]) -> torch.Tensor:
         embed = model.text_model.projection_head(embed)
         out.append(embed / embed.norm(dim=-1, keepdim=True))
     return torch.cat(out)
+
+
+def random_biomedclip_backbone(directory: Path, real_size: bool = True, seed: int = 0):
+    """A randomly initialised BiomedCLIP-architecture backbone built in memory (no checkpoint
+    written): ViT-B/16 + BERT-base text tower, context 256, with a small WordPiece vocabulary in
+    ``directory``. For benchmarks; ``real_size=False`` gives the tiny test version."""
+    import open_clip
+    from transformers import BertConfig
+
+    from calibprompt.backbones.openclip import OpenClipBackbone
+
+    text_dir = directory / "text"
+    vocab_size = write_bert_tokenizer(text_dir, lowercase=True)
+    bert = tiny_bert_config(vocab_size)
+    if real_size:
+        bert.update(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=3072, vocab_size=30522)
+    BertConfig(**{k: v for k, v in bert.items() if k != "model_type"}).save_pretrained(text_dir)
+    cfg = {
+        "embed_dim": 512 if real_size else 16,
+        "vision_cfg": {"timm_model_name": "vit_base_patch16_224" if real_size else "vit_tiny_patch16_224",
+                       "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear",
+                       "image_size": 224},
+        "text_cfg": {"hf_model_name": str(text_dir), "hf_tokenizer_name": str(text_dir),
+                     "hf_model_pretrained": False, "hf_proj_type": "mlp",
+                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
+    }
+    torch.manual_seed(seed)
+    model = open_clip.CustomTextCLIP(**cfg)
+    from open_clip.tokenizer import HFTokenizer
+
+    return OpenClipBackbone(model, HFTokenizer(str(text_dir), context_length=256), "biomedclip-random",
+                            {"size": 224, "mean": [0.48145466, 0.4578275, 0.40821073],
+                             "std": [0.26862954, 0.26130258, 0.27577711]},
+                            config={"model_cfg": cfg, "weights": "random"})
