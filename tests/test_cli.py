@@ -85,3 +85,43 @@ def test_console_script_runs_the_demo(tmp_path):
     assert rows["temperature"]["accuracy"] == rows["uncalibrated"]["accuracy"]
     assert (tmp_path / "reliability_temperature.png").exists()
     assert "fitted temperature" in result.stdout
+
+
+def test_splits_and_extract_commands(tmp_path, capsys, tiny_backbone):
+    from calibprompt.data.synthetic import make_dataset_tree
+
+    make_dataset_tree(tmp_path / "data", "covid", per_class=[12, 12])
+    out = tmp_path / "splits"
+    args = ["splits", "--dataset", "covid", "--root", str(tmp_path / "data"), "--shots", "4",
+            "--seeds", "1", "2", "--validation", "--val-per-class", "3", "--out", str(out)]
+    assert main(args) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["covid_4shot_seed1.json", "covid_4shot_seed1_validation.json",
+                     "covid_4shot_seed2.json", "covid_4shot_seed2_validation.json"]
+    first = (out / "covid_4shot_seed1.json").read_text()
+    assert main(args) == 0 and (out / "covid_4shot_seed1.json").read_text() == first  # reused
+    text = capsys.readouterr().out
+    assert "few-shot" in text and "[4, 4]" in text
+
+    weights = str(tiny_backbone.source)
+    cache = tmp_path / "cache"
+    common = ["extract", "--backbone", "quiltnet", "--weights", weights, "--dataset", "covid",
+              "--root", str(tmp_path / "data"), "--cache", str(cache), "--workers", "0"]
+    assert main([*common, "--split", "test"]) == 0
+    assert "24 encoded, 0 already cached" in capsys.readouterr().out
+    assert main([*common, "--split", "test"]) == 0
+    assert "0 encoded, 24 already cached" in capsys.readouterr().out
+    assert main([*common, "--split", "train", "--manifest", str(out / "covid_4shot_seed1.json"),
+                 "--views", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "8 images — 8 encoded, 0 already cached" in text and "2 augmented views: 16 encoded" in text
+
+
+def test_data_commands_report_bad_input(tmp_path, capsys):
+    assert main(["splits", "--dataset", "covid", "--root", str(tmp_path), "--shots", "4"]) == 2
+    assert "expected the layout ROOT/covid/images" in capsys.readouterr().err
+    from calibprompt.data.synthetic import make_dataset_tree
+
+    make_dataset_tree(tmp_path, "covid", per_class=[1, 1])
+    assert main(["extract", "--backbone", "nope", "--dataset", "covid", "--root", str(tmp_path)]) == 2
+    assert "backbone 'nope' is unknown; available: plip" in capsys.readouterr().err

@@ -20,6 +20,20 @@ EXAMPLES = {
 The .npz file holds `labels` (N,) and either `logits` or `probs` (N, K).""",
     "losses": """examples:
   calibprompt losses""",
+    "extract": """examples:
+  calibprompt extract --backbone quiltnet --dataset kather --root ~/data --split test
+  calibprompt extract --backbone plip --weights ~/models/plip --dataset kather --root ~/data \\
+      --split train --manifest splits/kather_8shot_seed1.json --views 50
+  calibprompt extract --backbone clip:ViT-B-32 --weights openai --dataset imagefolder --root ~/images
+
+Features go to --cache (default $CALIBPROMPT_CACHE or ~/.cache/calibprompt); a second call
+encodes nothing that is already there.""",
+    "splits": """examples:
+  calibprompt splits --dataset kather --root ~/data --shots 8 --seeds 1 2 3
+  calibprompt splits --dataset covid --root ~/data --shots 8 --seeds 1 --validation --out splits/
+
+Manifests are drawn from the sorted train listing with the given seed, so they are identical on
+every machine; existing manifests are validated and reused.""",
     "demo": """examples:
   calibprompt demo
   calibprompt demo --out demo_output --seed 1""",
@@ -134,6 +148,63 @@ def _cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from calibprompt.backbones import load_backbone
+    from calibprompt.data import FeatureStore, SplitManifest, load_dataset
+
+    console = Console()
+    dataset = load_dataset(args.dataset, args.root, args.split)
+    if args.manifest:
+        dataset = SplitManifest.load(args.manifest).subset_of(dataset)
+    backbone = load_backbone(args.backbone, weights=args.weights, device=args.device,
+                             precision=args.precision)
+    store = FeatureStore(args.cache)
+    kwargs = {"batch_size": args.batch_size, "num_workers": args.workers, "strict": args.strict}
+    result = store.features(backbone, dataset.paths, **kwargs)
+    console.print(f"[bold]{backbone.name}[/] on {dataset.name}/{dataset.split}: {len(result.index)} "
+                  f"images — {result.encoded} encoded, {result.reused} already cached")
+    excluded = list(result.excluded) + [(str(dataset.root / f), r) for f, r in dataset.excluded]
+    if args.views:
+        bank = store.view_bank(backbone, dataset.paths, views=args.views, aug_seed=args.aug_seed, **kwargs)
+        console.print(f"{args.views} augmented views: {bank.encoded} encoded, {bank.reused} cached")
+        excluded += [e for e in bank.excluded if e not in excluded]
+    for table in result.tables:
+        console.print(f"cache: {table}")
+    if excluded:
+        console.print(f"[yellow]{len(excluded)} file(s) excluded:[/]")
+        for path, reason in excluded:
+            console.print(f"  {path}: {reason}")
+    return 0
+
+
+def _cmd_splits(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from calibprompt.data import few_shot, load_dataset, validation_split
+
+    train = load_dataset(args.dataset, args.root, "train")
+    out = Path(args.out)
+    table = Table(title=f"{args.dataset}: {args.shots}-shot splits of {len(train)} train images")
+    for col in ("seed", "kind", "images", "per class", "manifest"):
+        table.add_column(col)
+    for seed in args.seeds:
+        path = out / f"{args.dataset}_{args.shots}shot_seed{seed}.json"
+        shots = few_shot(train, args.shots, seed, strict=args.strict, manifest_path=path)
+        counts = np.bincount(shots.labels, minlength=len(shots.classnames)).tolist()
+        table.add_row(str(seed), "few-shot", str(len(shots)), str(counts), str(path))
+        if args.validation:
+            vpath = out / f"{args.dataset}_{args.shots}shot_seed{seed}_validation.json"
+            val = validation_split(train, exclude=shots, per_class=args.val_per_class, seed=seed,
+                                   strict=args.strict, manifest_path=vpath)
+            vcounts = np.bincount(val.labels, minlength=len(val.classnames)).tolist()
+            table.add_row(str(seed), "validation", str(len(val)), str(vcounts), str(vpath))
+    Console().print(table)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -185,6 +256,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("losses", "list the registered loss terms and objective presets")
     p.set_defaults(func=_cmd_losses)
+
+    p = add("extract", "encode a dataset's images once into the feature cache")
+    p.add_argument("--backbone", required=True, help="plip, quiltnet, biomedclip, medclip, clip:<arch>")
+    p.add_argument("--weights", help="hub id, local directory or file (default: the family's hub id)")
+    p.add_argument("--dataset", required=True, help="covid, rsna18, kather, pannuke, digestpath, imagefolder, csv")
+    p.add_argument("--root", required=True, help="dataset root (ROOT or ROOT/<dataset dir>)")
+    p.add_argument("--split", default="test", help="train or test (default test)")
+    p.add_argument("--manifest", help="restrict to the files of a split manifest (JSON)")
+    p.add_argument("--views", type=int, default=0, help="also cache this many augmented views per image")
+    p.add_argument("--aug-seed", type=int, default=0, help="seed of the augmented views (default 0)")
+    p.add_argument("--cache", help="feature cache directory")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1, max 4)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--strict", action="store_true", help="abort on the first unreadable image")
+    p.set_defaults(func=_cmd_extract)
+
+    p = add("splits", "draw reproducible few-shot (and validation) split manifests")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--root", required=True)
+    p.add_argument("--shots", type=int, required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--out", default="splits", help="directory for the manifests (default splits/)")
+    p.add_argument("--validation", action="store_true", help="also draw a validation split per seed")
+    p.add_argument("--val-per-class", type=int, default=None, help="validation images per class")
+    p.add_argument("--strict", action="store_true", help="fail on small classes and unreadable images")
+    p.set_defaults(func=_cmd_splits)
 
     p = add("demo", "run the offline demo and write its report")
     p.add_argument("--out", default="demo_output", help="output directory (default demo_output)")

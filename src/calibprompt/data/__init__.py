@@ -1,0 +1,19 @@
+"""Datasets, reproducible splits and the feature cache."""
+
+from calibprompt.data.datasets import DATASETS, DataError, Dataset, list_datasets, load_dataset
+from calibprompt.data.features import FeatureResult, FeatureStore, default_cache_dir
+from calibprompt.data.splits import SplitManifest, few_shot, validation_split
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "Dataset",
+    "FeatureResult",
+    "FeatureStore",
+    "SplitManifest",
+    "default_cache_dir",
+    "few_shot",
+    "list_datasets",
+    "load_dataset",
+    "validation_split",
+]

@@ -1,0 +1,355 @@
+"""A content-addressed cache of frozen image features.
+
+Every image is identified by the hash of its bytes. Features live in *tables*, one per
+(backbone fingerprint, image transform, train/eval, augmentation view index, augmentation
+seed); a table maps image hashes to feature rows, stored in shards::
+
+    CACHE/<backbone>-<fp12>/<table key16>/meta.json
+    CACHE/<backbone>-<fp12>/<table key16>/shard-<id>.safetensors   features (n, D) float32
+    CACHE/<backbone>-<fp12>/<table key16>/shard-<id>.json          sidecar: key, hashes, shape, dtype
+
+A shard counts only once its sidecar exists; both files are written atomically (temporary file +
+rename), the tensors first, so a killed extraction leaves complete shards and nothing else, and
+the next call encodes only what is missing. Shards are verified on read (key, shape, dtype); a
+shard that fails is reported, removed and re-encoded.
+
+Train-time augmentation is a *bank* of V views per image: view v of an image is the training
+transform (RandomResizedCrop 0.08–1, bicubic, + flip) under a torch seed derived from
+(image hash, v, augmentation seed), so it is the same crop on every machine, in every worker and
+for every backbone with the same transform.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from calibprompt.data.datasets import DataError
+from calibprompt.data.images import file_hash, open_image
+from calibprompt.io import atomic_path, write_json
+
+__all__ = ["FeatureResult", "FeatureStore", "default_cache_dir", "view_seed"]
+
+
+def default_cache_dir() -> Path:
+    """``$CALIBPROMPT_CACHE`` or ``~/.cache/calibprompt``."""
+    return Path(os.environ.get("CALIBPROMPT_CACHE", Path.home() / ".cache" / "calibprompt"))
+
+
+def view_seed(image_hash: str, view: int, aug_seed: int) -> int:
+    """The torch seed of augmentation view ``view`` of an image (63-bit, from BLAKE2b)."""
+    digest = hashlib.blake2b(f"{image_hash}|{view}|{aug_seed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class FeatureResult:
+    """Features of the readable inputs, in input order.
+
+    ``features`` is (N_ok, D) -- or (V, N_ok, D) for a view bank; ``index`` holds the input
+    positions they belong to; ``excluded`` lists ``(path, reason)`` of inputs without features.
+    """
+
+    features: torch.Tensor
+    index: list[int]
+    hashes: list[str]
+    excluded: list[tuple[str, str]] = field(default_factory=list)
+    encoded: int = 0
+    reused: int = 0
+    tables: list[str] = field(default_factory=list)
+
+
+class _Images(torch.utils.data.Dataset):
+    """Decoded + transformed images; a failure is returned with its reason, not raised."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Any], torch.Tensor],
+                 seeds: Sequence[int] | None) -> None:
+        self.paths, self.transform, self.seeds = list(paths), transform, seeds
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = open_image(self.paths[i])
+        except Exception as exc:
+            return i, None, f"unreadable image ({type(exc).__name__}: {str(exc)[:120]})"
+        if self.seeds is None:
+            return i, self.transform(image), None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seeds[i])
+            return i, self.transform(image), None
+
+
+def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    ok = [(i, t) for i, t, err in items if err is None]
+    errors = [(i, err) for i, _, err in items if err is not None]
+    pixels = torch.stack([t for _, t in ok]) if ok else None
+    return [i for i, _ in ok], pixels, errors
+
+
+class _Table:
+    """One feature table: image hash -> row, over complete shards."""
+
+    def __init__(self, directory: Path, key: dict[str, Any]) -> None:
+        self.dir = directory
+        self.key = key
+        self.key_id = _key_id(key)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = directory / "meta.json"
+        if meta.is_file():
+            stored = json.loads(meta.read_text())
+            if stored.get("key") != key:
+                raise DataError(f"{meta}: table key differs from the expected one (hash collision or a "
+                                "tampered cache); delete this directory")
+        else:
+            write_json(meta, {"key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self.rows: dict[str, tuple[str, int]] = {}
+        self._cache: dict[str, torch.Tensor] = {}
+        self._scan()
+
+    def _scan(self) -> None:
+        for leftover in self.dir.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        for sidecar in sorted(self.dir.glob("shard-*.json")):
+            try:
+                info = json.loads(sidecar.read_text())
+                if info.get("key_id") != self.key_id:
+                    raise ValueError("key differs")
+                tensor_file = sidecar.with_suffix(".safetensors")
+                if not tensor_file.is_file():
+                    raise ValueError("tensor file missing")
+            except (OSError, ValueError) as exc:
+                self._discard(sidecar, str(exc))
+                continue
+            for row, h in enumerate(info["hashes"]):
+                self.rows.setdefault(h, (sidecar.stem, row))
+        complete = {s.stem for s in self.dir.glob("shard-*.json")}
+        for orphan in self.dir.glob("shard-*.safetensors"):
+            if orphan.stem not in complete:  # killed between the two writes
+                orphan.unlink(missing_ok=True)
+
+    def _discard(self, sidecar: Path, reason: str) -> None:
+        warnings.warn(f"feature cache: shard {sidecar} is invalid ({reason}); it is removed and "
+                      "its images will be encoded again", RuntimeWarning, stacklevel=4)
+        sidecar.unlink(missing_ok=True)
+        sidecar.with_suffix(".safetensors").unlink(missing_ok=True)
+        self.rows = {h: loc for h, loc in self.rows.items() if loc[0] != sidecar.stem}
+
+    def _load(self, shard: str) -> torch.Tensor:
+        if shard not in self._cache:
+            from safetensors.torch import load_file
+
+            sidecar = self.dir / f"{shard}.json"
+            info = json.loads(sidecar.read_text())
+            try:
+                tensor = load_file(str(self.dir / f"{shard}.safetensors"))["features"]
+            except Exception as exc:
+                self._discard(sidecar, f"unreadable: {exc}")
+                raise _StaleShard(shard) from exc
+            if list(tensor.shape) != info["shape"] or str(tensor.dtype) != info["dtype"]:
+                self._discard(sidecar, f"shape/dtype {list(tensor.shape)}/{tensor.dtype} != "
+                                       f"{info['shape']}/{info['dtype']}")
+                raise _StaleShard(shard)
+            self._cache[shard] = tensor
+        return self._cache[shard]
+
+    def gather(self, hashes: Sequence[str]) -> torch.Tensor:
+        rows = [self.rows[h] for h in hashes]
+        by_shard: dict[str, list[int]] = {}
+        for pos, (shard, _) in enumerate(rows):
+            by_shard.setdefault(shard, []).append(pos)
+        first = self._load(rows[0][0])
+        out = torch.empty(len(rows), first.shape[1], dtype=first.dtype)
+        for shard, positions in by_shard.items():
+            tensor = self._load(shard)
+            out[positions] = tensor[[rows[p][1] for p in positions]]
+        return out
+
+    def write(self, hashes: list[str], features: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        shard = f"shard-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        features = features.detach().to("cpu", torch.float32).contiguous()
+        with atomic_path(self.dir / f"{shard}.safetensors") as tmp:
+            save_file({"features": features}, str(tmp))
+        write_json(self.dir / f"{shard}.json", {
+            "key_id": self.key_id, "hashes": hashes, "shape": list(features.shape),
+            "dtype": str(features.dtype),
+        })
+        for row, h in enumerate(hashes):
+            self.rows.setdefault(h, (shard, row))
+        self._cache[shard] = features
+
+
+class _StaleShard(Exception):
+    pass
+
+
+def _key_id(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class FeatureStore:
+    """Image features computed once per (backbone, transform, view) and reused by every run."""
+
+    def __init__(self, cache_dir: str | os.PathLike[str] | None = None, shard_size: int = 1024) -> None:
+        self.root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.shard_size = int(shard_size)
+        self._hashes_file = self.root / "file_hashes.json"
+        self._known: dict[str, list] = {}
+        if self._hashes_file.is_file():
+            try:
+                self._known = json.loads(self._hashes_file.read_text())
+            except json.JSONDecodeError:
+                self._known = {}
+
+    # -- identities ----------------------------------------------------------------------------
+    def hashes(self, paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+        """Content hashes, remembered per (path, size, mtime) so unchanged files are not re-read."""
+        out, changed = [], False
+        for p in paths:
+            path = Path(p).resolve()
+            try:
+                st = path.stat()
+            except OSError as exc:
+                raise DataError(f"{path}: cannot read ({exc.strerror})") from exc
+            entry = self._known.get(str(path))
+            if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+                out.append(entry[2])
+                continue
+            digest = file_hash(path)
+            self._known[str(path)] = [st.st_size, st.st_mtime_ns, digest]
+            out.append(digest)
+            changed = True
+        if changed:
+            write_json(self._hashes_file, self._known)
+        return out
+
+    def table_key(self, backbone: Any, train: bool, view: int = 0, aug_seed: int = 0) -> dict[str, Any]:
+        return {
+            "backbone": backbone.name, "fingerprint": backbone.fingerprint,
+            "transform": repr(backbone.image_transform(train=train)),
+            "train": bool(train), "view": int(view) if train else 0,
+            "aug_seed": int(aug_seed) if train else 0,
+        }
+
+    def _table(self, key: dict[str, Any]) -> _Table:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key["backbone"])
+        return _Table(self.root / f"{safe}-{key['fingerprint'][:12]}" / _key_id(key), key)
+
+    # -- extraction ----------------------------------------------------------------------------
+    def features(
+        self, backbone: Any, paths: Sequence[str | os.PathLike[str]], *, train: bool = False,
+        view: int = 0, aug_seed: int = 0, batch_size: int = 64, num_workers: int | None = None,
+        strict: bool = False, progress: bool = True,
+    ) -> FeatureResult:
+        """Features (N_ok, D) of ``paths`` under the eval transform, or view ``view`` of the train
+        transform; missing ones are encoded (and cached), the rest read from the cache."""
+        paths = [Path(p) for p in paths]
+        if not paths:
+            raise DataError("features: no image paths given")
+        hashes = self.hashes(paths)
+        key = self.table_key(backbone, train, view, aug_seed)
+        table = self._table(key)
+        missing = list(dict.fromkeys(h for h in hashes if h not in table.rows))
+        first = {h: i for i, h in reversed(list(enumerate(hashes)))}
+        bad: dict[str, str] = {}
+        encoded = 0
+        if missing:
+            todo = [first[h] for h in missing]
+            seeds = [view_seed(hashes[i], view, aug_seed) for i in todo] if train else None
+            encoded, bad = self._extract(backbone, table, [paths[i] for i in todo],
+                                         [hashes[i] for i in todo], backbone.image_transform(train=train),
+                                         seeds, batch_size, num_workers, strict, progress,
+                                         label=f"{backbone.name} {'view ' + str(view) if train else 'eval'}")
+        index = [i for i, h in enumerate(hashes) if h in table.rows]
+        excluded = [(str(paths[i]), bad.get(hashes[i], "no features")) for i, h in enumerate(hashes)
+                    if h not in table.rows]
+        try:
+            feats = table.gather([hashes[i] for i in index]) if index else torch.empty(0, backbone.embed_dim)
+        except _StaleShard:
+            return self.features(backbone, paths, train=train, view=view, aug_seed=aug_seed,
+                                 batch_size=batch_size, num_workers=num_workers, strict=strict,
+                                 progress=progress)
+        return FeatureResult(feats, index, [hashes[i] for i in index], excluded,
+                             encoded=encoded, reused=len(set(hashes)) - len(missing),
+                             tables=[str(table.dir)])
+
+    def view_bank(
+        self, backbone: Any, paths: Sequence[str | os.PathLike[str]], views: int, *,
+        aug_seed: int = 0, **kwargs: Any,
+    ) -> FeatureResult:
+        """Features (V, N_ok, D) of ``views`` augmented views per image (see module docstring)."""
+        if views < 1:
+            raise DataError(f"views: expected a positive integer, got {views}")
+        results = [self.features(backbone, paths, train=True, view=v, aug_seed=aug_seed, **kwargs)
+                   for v in range(views)]
+        index = sorted(set.intersection(*(set(r.index) for r in results)))
+        rows = [{i: row for row, i in enumerate(r.index)} for r in results]
+        stacked = torch.stack([r.features[[m[i] for i in index]] for r, m in zip(results, rows, strict=True)])
+        excluded = list(dict.fromkeys(e for r in results for e in r.excluded))
+        return FeatureResult(stacked, index, [results[0].hashes[rows[0][i]] for i in index],
+                             excluded, encoded=sum(r.encoded for r in results),
+                             reused=sum(r.reused for r in results),
+                             tables=[t for r in results for t in r.tables])
+
+    def _extract(
+        self, backbone: Any, table: _Table, paths: list[Path], hashes: list[str],
+        transform: Callable, seeds: list[int] | None, batch_size: int, num_workers: int | None,
+        strict: bool, progress: bool, label: str,
+    ) -> tuple[int, dict[str, str]]:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        if num_workers is None:
+            num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+        loader = torch.utils.data.DataLoader(
+            _Images(paths, transform, seeds), batch_size=batch_size, shuffle=False,
+            num_workers=num_workers, collate_fn=_collate,
+            pin_memory=backbone.device.type == "cuda",
+        )
+        bad: dict[str, str] = {}
+        pending_hashes: list[str] = []
+        pending: list[torch.Tensor] = []
+        encoded = 0
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn())
+        start = time.perf_counter()
+        with Progress(*columns, disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"encoding {label}", total=len(paths), rate="-")
+            for idx, pixels, errors in loader:
+                for i, reason in errors:
+                    if strict:
+                        raise DataError(f"{paths[i]}: {reason} (strict=True)")
+                    bad[hashes[i]] = reason
+                if pixels is not None:
+                    feats = backbone.encode_images(pixels).cpu()
+                    pending.append(feats)
+                    pending_hashes.extend(hashes[i] for i in idx)
+                    encoded += len(idx)
+                    if len(pending_hashes) >= self.shard_size:
+                        table.write(pending_hashes, torch.cat(pending))
+                        pending, pending_hashes = [], []
+                done = len(idx) + len(errors)
+                rate = encoded / max(time.perf_counter() - start, 1e-9)
+                bar.update(task, advance=done, rate=f"{rate:.1f}")
+        if pending_hashes:
+            table.write(pending_hashes, torch.cat(pending))
+        return encoded, bad

@@ -1,0 +1,210 @@
+"""Reproducible few-shot and validation splits, saved as JSON manifests.
+
+``few_shot(dataset, shots, seed)`` draws ``shots`` images per class from the **sorted** file list
+with a seeded generator (the published code samples in filesystem order, so the same seed gave
+different subsets on different machines). Files that do not decode are skipped in the draw and
+recorded with their reason. A manifest stores relative paths, labels, content hashes and the
+dataset fingerprint; loading one validates that every file still exists with the same content.
+
+``validation_split(dataset, exclude=manifest, ...)`` carves a class-balanced labelled set from the
+*train* pool minus the few-shot images -- for hyperparameter choice and post-hoc calibration,
+never from test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibprompt.data.datasets import DataError, Dataset
+from calibprompt.data.images import check_image, file_hash
+from calibprompt.io import write_json
+
+__all__ = ["SplitManifest", "few_shot", "split_rng", "validation_split"]
+
+MANIFEST_VERSION = 1
+_STREAMS = {"few_shot": 1, "validation": 2}
+
+
+def split_rng(seed: int, stream: str) -> np.random.Generator:
+    """The generator of one sampler: the run seed and a fixed stream id per purpose."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), _STREAMS[stream]]))
+
+
+@dataclass
+class SplitManifest:
+    """A saved subset of a dataset split: what was drawn, how, and from what."""
+
+    kind: str
+    dataset: str
+    split: str
+    seed: int
+    shots: int
+    classnames: list[str]
+    files: list[str]
+    labels: list[int]
+    hashes: list[str]
+    dataset_fingerprint: str
+    excluded: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    version: int = MANIFEST_VERSION
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically as JSON."""
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> SplitManifest:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            manifest = cls(**data)
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise DataError(f"{path}: not a readable split manifest ({exc})") from exc
+        if not (len(manifest.files) == len(manifest.labels) == len(manifest.hashes)):
+            raise DataError(f"{path}: files, labels and hashes have different lengths")
+        return manifest
+
+    def validate(self, dataset: Dataset, source: str = "manifest") -> None:
+        """Every file must exist under ``dataset.root`` with its recorded content and label."""
+        if dataset.name != self.dataset or list(dataset.classnames) != list(self.classnames):
+            raise DataError(f"{source}: made for dataset '{self.dataset}' {self.classnames}, "
+                            f"not '{dataset.name}' {list(dataset.classnames)}")
+        problems = []
+        for rel, expected in zip(self.files, self.hashes, strict=True):
+            path = dataset.root / rel
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif file_hash(path) != expected:
+                problems.append(f"{path}: content changed since the manifest was written")
+        if problems:
+            more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise DataError(f"{source}: {len(problems)} file(s) no longer match: "
+                            + "; ".join(problems[:5]) + more
+                            + ". Delete the manifest to draw a new split, or restore the files.")
+
+    def subset_of(self, dataset: Dataset) -> Dataset:
+        """The manifest's files as a Dataset (validated)."""
+        self.validate(dataset)
+        index = {f: i for i, f in enumerate(dataset.files)}
+        missing = [f for f in self.files if f not in index]
+        if missing:
+            raise DataError(f"manifest files not in the dataset listing: {missing[:5]}")
+        return dataset.subset([index[f] for f in self.files], split=f"{dataset.split}:{self.kind}")
+
+
+def _draw(
+    dataset: Dataset, per_class: int, rng: np.random.Generator, strict: bool,
+    exclude: set[str] = frozenset(),
+) -> tuple[list[int], list[dict[str, str]], list[str]]:
+    """``per_class`` readable files per class in a seeded order of the sorted listing."""
+    chosen, excluded, notes = [], [], []
+    files = np.asarray(dataset.files)
+    order = np.argsort(files, kind="stable")  # the sorted listing, however it was produced
+    for label, name in enumerate(dataset.classnames):
+        pool = [int(i) for i in order if dataset.labels[i] == label and dataset.files[i] not in exclude]
+        permuted = [pool[j] for j in rng.permutation(len(pool))]
+        taken = []
+        for i in permuted:
+            if len(taken) == per_class:
+                break
+            reason = check_image(dataset.path(i))
+            if reason is None:
+                taken.append(i)
+            else:
+                excluded.append({"file": dataset.files[i], "reason": reason})
+                if strict:
+                    raise DataError(f"{dataset.path(i)}: {reason}")
+        if len(taken) < per_class:
+            msg = (f"class '{name}' has {len(taken)} usable image(s), fewer than {per_class}; "
+                   "using all of them")
+            if strict:
+                raise DataError(f"{dataset.root}: {msg.replace('; using all of them', '')} (strict=True)")
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            notes.append(msg)
+        chosen.extend(taken)
+    return chosen, excluded, notes
+
+
+def _manifest(kind: str, dataset: Dataset, seed: int, shots: int, chosen: Sequence[int],
+              excluded: list[dict[str, str]], notes: list[str]) -> SplitManifest:
+    chosen = sorted(chosen, key=lambda i: (int(dataset.labels[i]), dataset.files[i]))
+    return SplitManifest(
+        kind=kind, dataset=dataset.name, split=dataset.split, seed=int(seed), shots=int(shots),
+        classnames=list(dataset.classnames), files=[dataset.files[i] for i in chosen],
+        labels=[int(dataset.labels[i]) for i in chosen],
+        hashes=[file_hash(dataset.path(i)) for i in chosen],
+        dataset_fingerprint=dataset.fingerprint,
+        excluded=[*excluded, *({"file": f, "reason": r} for f, r in dataset.excluded)],
+        warnings=notes,
+    )
+
+
+def few_shot(
+    dataset: Dataset, shots: int, seed: int, *, strict: bool = False,
+    manifest_path: str | Path | None = None,
+) -> SplitManifest:
+    """``shots`` images per class, drawn reproducibly (see the module docstring).
+
+    With ``manifest_path``: an existing manifest is loaded, checked to be for the same dataset,
+    shots and seed, validated against the files, and returned; otherwise the new one is saved
+    there.
+    """
+    if int(shots) < 1:
+        raise DataError(f"shots: expected a positive integer, got {shots!r}")
+    if manifest_path is not None and Path(manifest_path).is_file():
+        manifest = SplitManifest.load(manifest_path)
+        if (manifest.kind, manifest.dataset, manifest.shots, manifest.seed) != ("few_shot", dataset.name, shots, seed):
+            raise DataError(
+                f"{manifest_path}: holds a {manifest.kind} split of '{manifest.dataset}' with "
+                f"{manifest.shots} shots, seed {manifest.seed}; asked for {shots} shots, seed {seed} "
+                f"of '{dataset.name}'. Use another path or delete it."
+            )
+        manifest.validate(dataset, source=str(manifest_path))
+        return manifest
+    chosen, excluded, notes = _draw(dataset, int(shots), split_rng(seed, "few_shot"), strict)
+    manifest = _manifest("few_shot", dataset, seed, shots, chosen, excluded, notes)
+    if manifest_path is not None:
+        manifest.save(manifest_path)
+    return manifest
+
+
+def validation_split(
+    dataset: Dataset, exclude: SplitManifest | None = None, per_class: int | None = None,
+    seed: int = 0, *, strict: bool = False, manifest_path: str | Path | None = None,
+) -> SplitManifest:
+    """A class-balanced validation set from ``dataset`` (a *train* split) minus the files of
+    ``exclude`` (the few-shot manifest). ``per_class`` defaults to ``max(4, ceil(64 / C))`` --
+    about 64 images, above the 40-50 that temperature scaling needs (Tu et al. 2024)."""
+    if dataset.split.startswith("test"):
+        raise DataError(f"validation_split: refusing to carve validation data from the test split of "
+                        f"{dataset.name}; pass the train split")
+    if exclude is not None and exclude.dataset != dataset.name:
+        raise DataError(f"validation_split: the excluded manifest is for '{exclude.dataset}', not '{dataset.name}'")
+    per_class = per_class or max(4, math.ceil(64 / dataset.num_classes))
+    if manifest_path is not None and Path(manifest_path).is_file():
+        manifest = SplitManifest.load(manifest_path)
+        if (manifest.kind, manifest.dataset, manifest.shots, manifest.seed) != ("validation", dataset.name, per_class, seed):
+            raise DataError(f"{manifest_path}: holds a different split ({manifest.kind}, "
+                            f"{manifest.shots} per class, seed {manifest.seed}); use another path")
+        manifest.validate(dataset, source=str(manifest_path))
+        return manifest
+    taken = set(exclude.files) if exclude is not None else set()
+    chosen, excluded, notes = _draw(dataset, per_class, split_rng(seed, "validation"), strict, taken)
+    manifest = _manifest("validation", dataset, seed, per_class, chosen, excluded, notes)
+    if manifest_path is not None:
+        manifest.save(manifest_path)
+    return manifest
