@@ -22,7 +22,7 @@ from calibprompt.backbones.base import Backbone, BackboneLoadError, TokenBatch
 from calibprompt.backbones.sources import hub_repo, is_hub_id
 from calibprompt.backbones.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_transform
 
-__all__ = ["HFClipBackbone", "load_hf_clip", "load_plip", "output_tensor"]
+__all__ = ["HFClipBackbone", "check_prompt_lengths", "hf_tokenize", "load_hf_clip", "load_plip", "output_tensor"]
 
 PLIP_HUB = "vinid/plip"
 HF_CLIP_LAYOUT = """  DIR/config.json                    (CLIPConfig)
@@ -73,13 +73,7 @@ class HFClipBackbone(Backbone):
 
     # -- text ----------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        check_prompt_lengths(self.tokenizer, texts, self.context_length, self.name)
-        enc = self.tokenizer(texts, padding="max_length", max_length=self.context_length,
-                             truncation=True, return_tensors="pt")
-        ids = enc["input_ids"].to(self.device)
+        ids, _ = hf_tokenize(self.tokenizer, texts, self.context_length, self.name, self.device)
         if self._eos_id == 2:  # legacy configs: EOT is the largest id (what CLIPTextModel does)
             eot = ids.argmax(dim=-1)
         else:
@@ -118,6 +112,19 @@ class HFClipBackbone(Backbone):
     def architecture(self) -> dict[str, Any]:
         return {"config": self.model.config.to_dict(), "preprocess": self.preprocess,
                 "context_length": self.context_length}
+
+
+def hf_tokenize(
+    tokenizer: Any, texts: Sequence[str] | str, context_length: int, name: str,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) of a transformers tokenizer, padded to ``context_length``; prompts
+    that do not fit are refused (:func:`check_prompt_lengths`)."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    check_prompt_lengths(tokenizer, texts, context_length, name)
+    enc = tokenizer(texts, padding="max_length", max_length=context_length, truncation=True,
+                    return_tensors="pt")
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def check_prompt_lengths(tokenizer: Any, texts: list[str], context_length: int, name: str) -> None:

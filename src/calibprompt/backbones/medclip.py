@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from calibprompt.backbones.base import Backbone, BackboneLoadError, TokenBatch
-from calibprompt.backbones.hf_clip import check_prompt_lengths, output_tensor
+from calibprompt.backbones.hf_clip import hf_tokenize, output_tensor
 from calibprompt.backbones.sources import (
     assign_state_dict,
     hub_file,
@@ -110,14 +110,7 @@ class MedCLIPBackbone(Backbone):
         self._freeze(device)
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        check_prompt_lengths(self.tokenizer, texts, self.context_length, self.name)
-        enc = self.tokenizer(texts, padding="max_length", max_length=self.context_length,
-                             truncation=True, return_tensors="pt")
-        ids = enc["input_ids"].to(self.device)
-        mask = enc["attention_mask"].to(self.device)
+        ids, mask = hf_tokenize(self.tokenizer, texts, self.context_length, self.name, self.device)
         positions = torch.arange(ids.shape[1], device=ids.device)
         lengths = torch.where(mask.bool(), positions + 1, 0).max(dim=1).values
         return TokenBatch(ids, mask, torch.zeros_like(lengths), lengths)
