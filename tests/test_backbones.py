@@ -15,6 +15,7 @@ from calibprompt.backbones import BackboneLoadError, list_backbones, load_backbo
 from calibprompt.backbones import testing as MF
 from calibprompt.backbones.hf_clip import output_tensor
 from calibprompt.backbones.transforms import clip_transform, medclip_transform
+from tests.conftest import FAMILIES
 
 PROMPTS = [
     "An H&E image of colorectal adenocarcinoma epithelium.",
@@ -22,35 +23,6 @@ PROMPTS = [
     "x x x x x x x x x x x x x x x x covid.",
     "a",
 ]
-
-
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {
-        "plip": MF.make_hf_clip_dir(root / "plip", eos_token_id=2),
-        "hf_clip_eos": MF.make_hf_clip_dir(root / "hf_clip_eos", eos_token_id=49407, seed=1),
-        "quiltnet": MF.make_open_clip_dir(root / "quiltnet", quick_gelu=True),
-        "quiltnet_st": MF.make_open_clip_dir(root / "quiltnet_st", quick_gelu=False, seed=2,
-                                             safetensors=True),
-        "biomedclip": MF.make_biomedclip_dir(root / "biomedclip"),
-        "medclip": MF.make_medclip_dir(root / "medclip"),
-    }
-
-
-FAMILIES = {  # case -> (registered name, checkpoint key)
-    "plip": ("plip", "plip"),
-    "hf_clip_eos": ("plip", "hf_clip_eos"),
-    "quiltnet": ("quiltnet", "quiltnet"),
-    "quiltnet_safetensors": ("quiltnet", "quiltnet_st"),
-    "biomedclip": ("biomedclip", "biomedclip"),
-    "medclip": ("medclip", "medclip"),
-}
-
-
-@pytest.fixture(scope="session")
-def backbones(checkpoints):
-    return {case: load_backbone(name, weights=str(checkpoints[key])) for case, (name, key) in FAMILIES.items()}
 
 
 def upstream_text_features(backbone, texts):

@@ -1,0 +1,1 @@
+"""Methods on the backbone interface and cached features: zero-shot, CoOp-style prompt tuning."""

@@ -1,0 +1,143 @@
+"""Learnable prompt context (CoOp, Zhou et al. 2022) on any Backbone.
+
+The prompt of class c is the token sequence of ``"X X ... X {class}."`` (class at the end), of
+``"X ... X {class} X ... X."`` (middle: half the context before, half after) or of
+``"{class} X X ... X."`` (front). The word embeddings of the ``n_ctx`` placeholder tokens are
+replaced by the context vectors -- shared by all classes (generic) or one set per class
+(class-specific) -- and the whole sequence goes through
+:meth:`Backbone.encode_token_embeddings`, which applies positions, token types, embedding layer
+norm and the encoder exactly once.
+
+Context is stored in float32 ("master parameters") whatever the encoder precision: the
+published code trained PLIP/QuiltNet contexts in pure fp16, where an update of 1e-5 is rounded
+away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from calibprompt.backbones.base import Backbone, TokenBatch
+
+__all__ = ["POSITIONS", "PromptLearner"]
+
+POSITIONS = ("end", "middle", "front")
+PLACEHOLDER = "X"
+
+
+class PromptLearner(nn.Module):
+    """Context vectors and the prompts they complete.
+
+    Parameters
+    ----------
+    n_ctx: number of context vectors (CoOp: 16; ignored with ``init="words"``, which uses as
+        many vectors as ``init_words`` has tokens).
+    init: ``"random"`` -- N(0, 0.02^2) as CoOp, from a generator seeded by ``seed`` -- or
+        ``"words"``: the word embeddings of ``init_words`` (e.g. "a photo of a").
+    class_specific: one context per class instead of one shared context.
+    position: where the class name goes relative to the context (``end`` / ``middle`` / ``front``).
+    """
+
+    def __init__(
+        self, backbone: Backbone, classnames: Sequence[str], n_ctx: int = 16,
+        init: str = "random", init_words: str = "a photo of a", class_specific: bool = False,
+        position: str = "end", seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if position not in POSITIONS:
+            raise ValueError(f"position: expected one of {POSITIONS}, got {position!r}")
+        if init not in ("random", "words"):
+            raise ValueError(f"init: expected 'random' or 'words', got {init!r}")
+        if not classnames:
+            raise ValueError("classnames: expected at least one class")
+        self.backbone = backbone
+        self.classnames = [str(c).replace("_", " ") for c in classnames]
+        self.position = position
+        self.class_specific = bool(class_specific)
+
+        placeholder_id = self._placeholder_id(backbone)
+        if init == "words":
+            word_batch = backbone.tokenize([init_words])
+            n_words = int(word_batch.lengths[0]) - 2  # without start / end tokens
+            if n_words < 1:
+                raise ValueError(f"init_words: {init_words!r} has no tokens")
+            n_ctx = n_words
+        if n_ctx < 1:
+            raise ValueError(f"n_ctx: expected a positive integer, got {n_ctx}")
+        self.n_ctx = int(n_ctx)
+
+        texts = [self._template(name) for name in self.classnames]
+        batch = backbone.tokenize(texts)
+        self.ctx_positions = self._locate(batch, placeholder_id)
+        with torch.no_grad():
+            base = backbone.embed_tokens(batch.ids).float()
+        self.register_buffer("base_embeddings", base, persistent=False)
+        self.batch = batch
+        width = base.shape[-1]
+        shape = (len(self.classnames), self.n_ctx, width) if self.class_specific else (self.n_ctx, width)
+        if init == "words":
+            with torch.no_grad():
+                words = backbone.embed_tokens(word_batch.ids)[0, 1:1 + self.n_ctx].float()
+            ctx = words.expand(shape).clone()
+        else:
+            generator = torch.Generator().manual_seed(int(seed))
+            ctx = torch.randn(shape, generator=generator) * 0.02
+        self.ctx = nn.Parameter(ctx.to(base.device))
+
+    # -- construction --------------------------------------------------------------------------
+    @staticmethod
+    def _placeholder_id(backbone: Backbone) -> int:
+        ids = backbone.tokenize([PLACEHOLDER])
+        if int(ids.lengths[0]) != 3:
+            raise ValueError(f"{backbone.name}: the placeholder {PLACEHOLDER!r} is not a single token")
+        return int(ids.ids[0, 1])
+
+    def _template(self, name: str) -> str:
+        ctx = " ".join([PLACEHOLDER] * self.n_ctx)
+        if self.position == "end":
+            return f"{ctx} {name}."
+        if self.position == "front":
+            return f"{name} {ctx}."
+        half = self.n_ctx // 2
+        first = " ".join([PLACEHOLDER] * half)
+        second = " ".join([PLACEHOLDER] * (self.n_ctx - half))
+        return f"{first} {name} {second}.".strip()
+
+    def _locate(self, batch: TokenBatch, placeholder_id: int) -> torch.Tensor:
+        """(C, n_ctx) positions of the context tokens in each prompt."""
+        rows = []
+        for c, ids in enumerate(batch.ids.tolist()):
+            hits = [i for i, t in enumerate(ids[: int(batch.lengths[c])]) if t == placeholder_id]
+            if self.position == "front":
+                hits = hits[-self.n_ctx:]  # the class name may contain the placeholder word
+            elif self.position == "end":
+                hits = hits[: self.n_ctx]
+            if len(hits) < self.n_ctx:
+                raise ValueError(f"prompt for class {self.classnames[c]!r}: found {len(hits)} of "
+                                 f"{self.n_ctx} context positions")
+            if self.position == "middle" and len(hits) > self.n_ctx:
+                half = self.n_ctx // 2
+                hits = hits[:half] + hits[-(self.n_ctx - half):]
+            rows.append(hits)
+        return torch.tensor(rows, dtype=torch.long, device=batch.ids.device)
+
+    # -- forward -------------------------------------------------------------------------------
+    def prompt_embeddings(self) -> torch.Tensor:
+        """(C, L, W) word embeddings with the context in place (float32)."""
+        c = len(self.classnames)
+        ctx = self.ctx if self.class_specific else self.ctx.expand(c, -1, -1)
+        index = self.ctx_positions[:, :, None].expand(-1, -1, ctx.shape[-1])
+        return self.base_embeddings.scatter(1, index, ctx)
+
+    def forward(self) -> torch.Tensor:
+        """L2-normalised class text features (C, D)."""
+        embeds = self.prompt_embeddings()
+        dtype = next(self.backbone.model.parameters()).dtype
+        return self.backbone.encode_token_embeddings(embeds.to(dtype), self.batch)
+
+    def extra_repr(self) -> str:
+        return (f"n_ctx={self.n_ctx}, classes={len(self.classnames)}, position={self.position!r}, "
+                f"class_specific={self.class_specific}")
