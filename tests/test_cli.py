@@ -75,7 +75,7 @@ def test_losses_and_help_list_examples(capsys):
 
 
 def test_console_script_runs_the_demo(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "calibprompt.cli", "demo", "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "calibprompt.cli", "demo", "--simulated", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "results.json").read_text())

@@ -697,7 +697,8 @@ def _run_kernel(
 def evaluate(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str, Any]:
     """Every metric of :data:`METRICS` in one pass, plus the facts needed to read them.
 
-    Returns a JSON-serialisable dict: each metric (fractions, not percent), ``n_bins``,
+    Returns a JSON-serialisable dict: each metric (fractions, not percent), the mean top-label
+    confidence (above accuracy = overconfident), ``n_bins``,
     ``n_samples``, ``n_classes``, ``n_nonempty_bins`` (of the top-label equal-width
     histogram), ``binning`` (the convention string) and the smooth-ECE bandwidth.
     """
@@ -714,6 +715,7 @@ def evaluate(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str,
         out[name] = _run_kernel(kernel, p, y, conf, correct, n_bins)
     idx = bin_index(conf, n_bins)
     out.update(
+        mean_confidence=float(conf.mean()),
         n_bins=n_bins,
         n_samples=int(p.shape[0]),
         n_classes=int(p.shape[1]),

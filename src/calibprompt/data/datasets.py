@@ -71,6 +71,11 @@ DATASETS: dict[str, DatasetSpec] = {
                     ("An H&E image patch of {} skin tissue.",), "PanNuke, 30% train / 70% test"),
         DatasetSpec("digestpath", "digestpath", {"benign": "benign", "malignant": "malignant"},
                     ("An H&E image patch of {} tissue.",), "DigestPath, 70/30 patch level"),
+        DatasetSpec("demo", "demo",
+                    {"ADI": "adipose tissue", "LYM": "lymphocytes", "STR": "cancer-associated stroma",
+                     "TUM": "colorectal adenocarcinoma epithelium"},
+                    ("An H&E image of {}.",),
+                    "procedurally generated tissue patches of the embedded demo (calibprompt.demo.tissue)"),
     )
 }
 

@@ -1,0 +1,82 @@
+"""The embedded demo: model, data generator, and the end-to-end pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from calibprompt.backbones import load_backbone
+from calibprompt.cli import main
+from calibprompt.data import load_dataset
+from calibprompt.data.datasets import DATASETS
+from calibprompt.demo.model import DemoTokenizer
+from calibprompt.demo.pipeline import run_demo
+from calibprompt.demo.tissue import CLASSES, render_batch, sample_latents, write_demo_dataset
+
+
+def test_generator_is_deterministic_and_matches_the_registry(tmp_path):
+    labels = np.arange(4).repeat(3)
+    a = render_batch(sample_latents(labels, np.random.default_rng(0)), np.random.default_rng(1))
+    b = render_batch(sample_latents(labels, np.random.default_rng(0)), np.random.default_rng(1))
+    assert a.shape == (12, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert DATASETS["demo"].classes == CLASSES
+    write_demo_dataset(tmp_path, per_class={"train": 3, "test": 2})
+    test = load_dataset("demo", tmp_path, "test")
+    assert test.class_counts().tolist() == [2, 2, 2, 2]
+    assert test.classnames == tuple(CLASSES[f] for f in sorted(CLASSES))
+
+
+def test_demo_model_is_shipped_small_and_classifies_zero_shot(tmp_path):
+    from importlib import resources
+
+    weights = resources.files("calibprompt.demo").joinpath("demo_model.safetensors")
+    assert weights.is_file() and len(weights.read_bytes()) <= 10 * 2**20
+    backbone = load_backbone("demo")
+    batch = backbone.tokenize(["An H&E image of lymphocytes."])
+    feats = backbone.encode_token_embeddings(backbone.embed_tokens(batch.ids), batch)
+    assert torch.allclose(feats, backbone.encode_texts(["An H&E image of lymphocytes."]), atol=1e-6)
+    assert torch.allclose(feats, torch.nn.functional.normalize(backbone.model.encode_text(batch.ids.cpu()), dim=-1), atol=1e-5)
+    write_demo_dataset(tmp_path, per_class={"test": 25})
+    test = load_dataset("demo", tmp_path, "test")
+    transform = backbone.image_transform()
+    from calibprompt.data.images import open_image
+
+    images = backbone.encode_images(torch.stack([transform(open_image(p)) for p in test.paths]))
+    text = backbone.encode_texts(test.prompts())
+    accuracy = (images @ text.T).argmax(1).numpy() == test.labels
+    assert 0.6 < accuracy.mean() < 1.0  # useful but imperfect
+
+
+def test_demo_tokenizer():
+    tok = DemoTokenizer(["an", "h", "&", "e", "image", "of", "x", "."], context_length=12)
+    ids = tok(["An H&E image of x.", "unknown words here and more and more and more and more"])
+    assert ids.shape == (2, 12)
+    assert ids[0].tolist() == [tok.sot, 2, 3, 4, 5, 6, 7, 8, 9, tok.eot, 0, 0]
+    assert ids[1, -1] == tok.eot and (ids[1, 1:-1] == 1).all()  # unknowns, cut at the context
+    assert int(ids[0].argmax()) == 9  # EOT is the largest id: argmax pooling works
+
+
+def test_pipeline_end_to_end(tmp_path):
+    report = run_demo(tmp_path, seeds=(1, 2), epochs=3, progress=False)
+    names = set(report.rows)
+    assert names == {"zero-shot", "zero-shot + TS", "CE prompt tuning", "CE prompt tuning + TS",
+                     "CalibPrompt", "CalibPrompt + TS"}
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["config"]["seeds"] == [1, 2] and len(data["per_seed"]["CalibPrompt"]) == 2
+    zs = report.rows["zero-shot"]
+    assert zs["accuracy"]["std"] == 0.0 and 0.6 < zs["accuracy"]["mean"] < 1.0
+    for name in names:
+        assert report.rows[name]["accuracy"]["mean"] == report.rows[name.replace(" + TS", "") if "+ TS" in name else name]["accuracy"]["mean"]
+    assert (tmp_path / "report.md").read_text().startswith("# calibprompt demo")
+    assert len(list((tmp_path / "figures").glob("reliability_*.png"))) == 6
+    # a second run reuses every cached feature and the saved split manifests
+    again = run_demo(tmp_path, seeds=(1, 2), epochs=3, progress=False)
+    assert again.rows == report.rows
+
+
+def test_demo_command(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--seeds", "1", "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "CalibPrompt" in out and "report.md" in out
