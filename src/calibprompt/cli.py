@@ -34,6 +34,18 @@ encodes nothing that is already there.""",
 
 Manifests are drawn from the sorted train listing with the given seed, so they are identical on
 every machine; existing manifests are validated and reused.""",
+    "train": """examples:
+  calibprompt train --backbone quiltnet --dataset kather --root ~/data --shots 8 --seed 1 --method calibprompt
+  calibprompt train --backbone plip --weights ~/models/plip --dataset pannuke --root ~/data \\
+      --objective "ls(alpha=0.2) + smac(alpha=0.2) + 0.1*as"
+  calibprompt train --backbone demo --dataset demo --root demo_output/data --method ce --epochs 10
+
+Methods (presets): ce, ls, focal, mdca, dca, mmce, mbls, logitnorm, zsnorm, penalty, smac,
+calibprompt (paper's alpha/weight per backbone+dataset; override with --alpha/--weight).
+A finished run is skipped (--force redoes it); an interrupted one resumes.""",
+    "zeroshot": """examples:
+  calibprompt zeroshot --backbone quiltnet --dataset kather --root ~/data
+  calibprompt zeroshot --backbone demo --dataset demo --root demo_output/data --out runs""",
     "demo": """examples:
   calibprompt demo
   calibprompt demo --out demo_output --seeds 1 2 3
@@ -206,6 +218,49 @@ def _cmd_splits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace, method: str):
+    from calibprompt.runs import RunConfig
+
+    return RunConfig(
+        backbone=args.backbone, dataset=args.dataset, root=args.root, method=method,
+        weights=args.weights, shots=getattr(args, "shots", 8), seed=args.seed,
+        n_ctx=getattr(args, "n_ctx", 16), init=getattr(args, "init", "random"),
+        position=getattr(args, "position", "end"), class_specific=getattr(args, "class_specific", False),
+        views=getattr(args, "views", 50), epochs=getattr(args, "epochs", 50),
+        lr=getattr(args, "lr", 0.002), n_bins=args.n_bins, precision=args.precision,
+        device=args.device, cache=args.cache, workers=args.workers,
+        alpha=getattr(args, "alpha", None), weight=getattr(args, "weight", None),
+    )
+
+
+def _print_run(result) -> None:
+    from rich.console import Console
+
+    console = Console()
+    if result.skipped:
+        console.print(f"[yellow]already finished[/] (use --force to redo): {result.directory}")
+    u, t = result.metrics["uncalibrated"], result.metrics["temperature_scaled"]
+    console.print(f"accuracy {100 * u['accuracy']:.2f}%  ECE {100 * u['ece']:.2f}%  MCE {100 * u['mce']:.2f}%  "
+                  f"NLL {u['nll']:.4f}  |  after TS (T={result.metrics['temperature']:.3f}): "
+                  f"ECE {100 * t['ece']:.2f}%  NLL {t['nll']:.4f}")
+    console.print(f"run directory: {result.directory}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from calibprompt.runs import execute_run
+
+    method = args.objective or args.method
+    _print_run(execute_run(_run_config(args, method), args.out, force=args.force))
+    return 0
+
+
+def _cmd_zeroshot(args: argparse.Namespace) -> int:
+    from calibprompt.runs import execute_run
+
+    _print_run(execute_run(_run_config(args, "zeroshot"), args.out, force=args.force))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -305,6 +360,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-per-class", type=int, default=None, help="validation images per class")
     p.add_argument("--strict", action="store_true", help="fail on small classes and unreadable images")
     p.set_defaults(func=_cmd_splits)
+
+    def run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--backbone", required=True, help="plip, quiltnet, biomedclip, medclip, clip:<arch>, demo")
+        p.add_argument("--weights", help="hub id, local directory or file (default: the family's hub id)")
+        p.add_argument("--dataset", required=True, help="covid, rsna18, kather, pannuke, digestpath, demo, imagefolder")
+        p.add_argument("--root", required=True, help="dataset root")
+        p.add_argument("--seed", type=int, default=1)
+        p.add_argument("--out", default="runs", help="runs directory (default runs/)")
+        p.add_argument("--n-bins", type=int, default=15)
+        p.add_argument("--cache", help="feature cache directory")
+        p.add_argument("--workers", type=int, default=None)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+        p.add_argument("--force", action="store_true", help="redo a finished run")
+
+    p = add("train", "few-shot prompt tuning with a preset or any objective; writes a run directory")
+    run_options(p)
+    p.add_argument("--shots", type=int, default=8)
+    p.add_argument("--method", default="calibprompt", help="preset name (default calibprompt)")
+    p.add_argument("--objective", help="an objective expression instead of --method")
+    p.add_argument("--alpha", type=float, help="calibprompt/smac presets: LS = SMAC alpha")
+    p.add_argument("--weight", type=float, help="calibprompt preset: angular separation weight")
+    p.add_argument("--n-ctx", type=int, default=16)
+    p.add_argument("--init", default="random", choices=["random", "words"])
+    p.add_argument("--position", default="end", choices=["end", "middle", "front"])
+    p.add_argument("--class-specific", action="store_true")
+    p.add_argument("--views", type=int, default=50, help="augmented views per training image (default 50)")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--lr", type=float, default=0.002)
+    p.set_defaults(func=_cmd_train)
+
+    p = add("zeroshot", "zero-shot classification with the dataset's templates; writes a run directory")
+    run_options(p)
+    p.set_defaults(func=_cmd_zeroshot)
 
     p = add("demo", "run the offline demo on the embedded model and write its report")
     p.add_argument("--out", default="demo_output", help="output directory (default demo_output)")

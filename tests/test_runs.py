@@ -1,0 +1,113 @@
+"""Run directories and the train / zeroshot commands, on the embedded demo model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from calibprompt.cli import main
+from calibprompt.demo.tissue import write_demo_dataset
+from calibprompt.runs import RunConfig, execute_run
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_data")
+    write_demo_dataset(root, per_class={"train": 12, "test": 20})
+    return root
+
+
+def config(root, cache, **kw):
+    base = {"backbone": "demo", "dataset": "demo", "root": str(root), "method": "ce", "shots": 4,
+            "seed": 1, "views": 2, "epochs": 3, "val_per_class": 3, "cache": str(cache), "workers": 0,
+            "progress": False}
+    return RunConfig(**{**base, **kw})
+
+
+def test_run_directory_contents_and_skip(demo_root, tmp_path):
+    cfg = config(demo_root, tmp_path / "cache")
+    result = execute_run(cfg, tmp_path / "runs")
+    d = result.directory
+    assert d.parent.parent.parent.name == "demo" and d.name.startswith("4shot_seed1-")
+    for name in ("config.json", "metrics.json", "predictions.npz", "prompt.safetensors", "log.json",
+                 "reliability.png", "splits/few_shot.json", "splits/validation.json"):
+        assert (d / name).is_file(), name
+    assert not (d / "checkpoint.json").exists()
+    record = json.loads((d / "config.json").read_text())
+    assert record["effective"]["train"]["epochs"] == 3 and "torch" in record["versions"]
+    assert record["objective"]["expression"] == "ce" and record["cache_tables"]
+    metrics = json.loads((d / "metrics.json").read_text())
+    preds = np.load(d / "predictions.npz")
+    assert preds["test_logits"].shape == (80, 4) and metrics["uncalibrated"]["n_samples"] == 80
+    assert metrics["temperature_scaled"]["accuracy"] == metrics["uncalibrated"]["accuracy"]
+    assert len(json.loads((d / "log.json").read_text())) == 3
+    again = execute_run(cfg, tmp_path / "runs")
+    assert again.skipped and again.directory == d
+    other = execute_run(config(demo_root, tmp_path / "cache", lr=0.01), tmp_path / "runs")
+    assert other.directory != d  # a changed hyperparameter never resumes an old run
+
+
+def test_same_seed_same_metrics_and_resume_equals_uninterrupted(demo_root, tmp_path, monkeypatch):
+    cfg = config(demo_root, tmp_path / "cache", method="calibprompt", epochs=4)
+    a = execute_run(cfg, tmp_path / "a")
+    b = execute_run(cfg, tmp_path / "b")
+    assert a.metrics["uncalibrated"] == b.metrics["uncalibrated"]
+
+    import calibprompt.methods.coop as coop
+
+    original = coop.train_prompt
+
+    def interrupted(*args, on_epoch=None, **kwargs):
+        def hook(log, learner, optimizer):
+            on_epoch(log, learner, optimizer)
+            if log.epoch == 1:
+                raise KeyboardInterrupt("killed after epoch 1")
+        return original(*args, on_epoch=hook, **kwargs)
+
+    monkeypatch.setattr(coop, "train_prompt", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        execute_run(cfg, tmp_path / "c")
+    monkeypatch.setattr(coop, "train_prompt", original)
+    partial = next((tmp_path / "c").rglob("checkpoint.json"))
+    assert json.loads(partial.read_text())["epoch"] == 1 and not (partial.parent / "metrics.json").exists()
+    resumed = execute_run(cfg, tmp_path / "c")
+    assert not resumed.skipped
+    assert resumed.metrics["uncalibrated"] == a.metrics["uncalibrated"]
+    ctx_a = load_file(str(a.directory / "prompt.safetensors"))["ctx"]
+    ctx_c = load_file(str(resumed.directory / "prompt.safetensors"))["ctx"]
+    assert (ctx_a - ctx_c).abs().max() < 1e-6
+
+
+def test_train_and_zeroshot_commands(demo_root, tmp_path, capsys):
+    common = ["--backbone", "demo", "--dataset", "demo", "--root", str(demo_root), "--out", str(tmp_path / "runs"),
+              "--cache", str(tmp_path / "cache"), "--workers", "0"]
+    assert main(["zeroshot", *common]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["train", *common, "--shots", "4", "--epochs", "2", "--views", "2",
+                 "--objective", "ls(alpha=0.1) + smac(alpha=0.1) + 3*as"]) == 0
+    assert "run directory" in capsys.readouterr().out
+    assert main(["train", *common, "--shots", "4", "--epochs", "2", "--views", "2",
+                 "--objective", "ls(alpha=0.1) + smac(alpha=0.1) + 3*as"]) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--backbone", "nope"], "backbone 'nope' is unknown"),
+    (["--dataset", "mnist"], "dataset 'mnist' is unknown"),
+    (["--method", "fancy"], "unknown loss 'fancy'"),
+    (["--shots", "50"], "--shots 50"),
+    (["--root", "/nonexistent/place"], "expected the layout"),
+])
+def test_bad_arguments_exit_2_and_leave_nothing(demo_root, tmp_path, capsys, args, message):
+    base = {"--backbone": "demo", "--dataset": "demo", "--root": str(demo_root), "--method": "ce",
+            "--shots": "4"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    argv = ["train", *[x for kv in base.items() for x in kv], "--out", str(tmp_path / "runs"),
+            "--cache", str(tmp_path / "cache"), "--epochs", "1", "--views", "1", "--workers", "0"]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
