@@ -111,3 +111,41 @@ def test_bad_arguments_exit_2_and_leave_nothing(demo_root, tmp_path, capsys, arg
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_report_evaluate_calibrate(demo_root, tmp_path, capsys):
+    import yaml
+
+    from calibprompt.report import group_rows
+
+    sweep = {"backbones": ["demo"], "datasets": [{"name": "demo", "root": str(demo_root)}],
+             "methods": ["ce", "calibprompt"], "seeds": [1, 2], "shots": 4, "epochs": 2, "views": 2,
+             "val_per_class": 3, "cache": str(tmp_path / "cache"), "workers": 0, "progress": False,
+             "out": str(tmp_path / "runs")}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", str(tmp_path / "sweep.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "[4/4]" in out and "done" in out
+    assert main(["sweep", str(tmp_path / "sweep.yaml")]) == 0  # resumable: everything skipped
+    assert capsys.readouterr().out.count("skipped (finished)") == 4
+    report = (tmp_path / "runs" / "report.md").read_text()
+    assert "| demo | demo | calibprompt | 2 | + TS |" in report
+    rows = group_rows(tmp_path / "runs", n_resamples=50)
+    assert [r["method"] for r in rows] == ["calibprompt", "ce"] and rows[0]["seeds"] == [1, 2]
+    runs = sorted((tmp_path / "runs").rglob("metrics.json"))
+    accs = [json.loads(p.read_text())["uncalibrated"]["accuracy"] for p in runs if "/ce/" in str(p)]
+    assert rows[1]["stats"]["uncalibrated.accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    lines = (tmp_path / "runs" / "report.csv").read_text().splitlines()
+    assert lines[0].startswith("backbone,dataset,method,seeds,variant,accuracy") and len(lines) == 5
+
+    run = str(runs[0].parent)
+    assert main(["evaluate", run, "--n-bins", "20"]) == 0
+    assert json.loads((runs[0].parent / "metrics_20bins.json").read_text())["n_bins"] == 20
+    assert main(["calibrate", run, "--calibrator", "isotonic"]) == 0
+    cal = json.loads((runs[0].parent / "calibration_isotonic.json").read_text())
+    assert cal["calibrator"]["calibrator"] == "isotonic" and "validation split" in cal["fitted_on"]
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "not a finished run directory" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("backbones: [demo]\n")
+    assert main(["sweep", str(tmp_path / "bad.yaml")]) == 2
+    assert "missing ['datasets', 'methods', 'seeds']" in capsys.readouterr().err

@@ -46,6 +46,27 @@ A finished run is skipped (--force redoes it); an interrupted one resumes.""",
     "zeroshot": """examples:
   calibprompt zeroshot --backbone quiltnet --dataset kather --root ~/data
   calibprompt zeroshot --backbone demo --dataset demo --root demo_output/data --out runs""",
+    "evaluate": """examples:
+  calibprompt evaluate runs/kather/quiltnet/calibprompt/8shot_seed1-0123456789 --n-bins 20
+  calibprompt evaluate RUN_DIR --bootstrap 1000""",
+    "calibrate": """examples:
+  calibprompt calibrate RUN_DIR --calibrator temperature
+  calibprompt calibrate RUN_DIR --calibrator isotonic
+
+Fits on the run's validation logits (never test) and writes calibration_<name>.json.""",
+    "sweep": """examples:
+  calibprompt sweep sweep.yaml
+  calibprompt sweep sweep.yaml --out runs/paper
+
+sweep.yaml:
+  backbones: [quiltnet, {name: plip, weights: ~/models/plip}]
+  datasets: [{name: kather, root: ~/data}]
+  methods: [ce, ls, focal, mdca, calibprompt]
+  seeds: [1, 2, 3]
+  shots: 8""",
+    "report": """examples:
+  calibprompt report runs/
+  calibprompt report runs/ --out reports/ --bootstrap 1000""",
     "demo": """examples:
   calibprompt demo
   calibprompt demo --out demo_output --seeds 1 2 3
@@ -261,6 +282,78 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_run_predictions(run: str) -> tuple[Path, dict]:
+    directory = Path(run)
+    path = directory / "predictions.npz"
+    if not path.is_file():
+        raise CLIError(f"{directory}: not a finished run directory (no predictions.npz)")
+    with np.load(path, allow_pickle=False) as data:
+        return directory, {k: data[k] for k in data.files}
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from scipy.special import softmax
+
+    from calibprompt.io import write_json
+    from calibprompt.metrics import bootstrap, evaluate
+
+    directory, preds = _load_run_predictions(args.run)
+    probs = softmax(preds["test_logits"], axis=1)
+    result = evaluate(probs, preds["test_labels"], n_bins=args.n_bins)
+    if args.bootstrap:
+        for name in ("ece", "accuracy", "nll", "brier"):
+            ci = bootstrap(name, probs, preds["test_labels"], n_resamples=args.bootstrap, n_bins=args.n_bins)
+            result[f"{name}_ci"] = [ci.low, ci.high]
+    _print_metrics(result)
+    write_json(directory / f"metrics_{args.n_bins}bins.json", result)
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from calibprompt.calibrators import CALIBRATORS
+    from calibprompt.io import write_json
+    from calibprompt.metrics import evaluate
+
+    directory, preds = _load_run_predictions(args.run)
+    calibrator = CALIBRATORS[args.calibrator]().fit(preds["val_logits"], preds["val_labels"])
+    result = evaluate(calibrator.transform(preds["test_logits"]), preds["test_labels"], n_bins=args.n_bins)
+    result["calibrator"] = calibrator.to_dict()
+    result["fitted_on"] = f"validation split ({len(preds['val_labels'])} images)"
+    _print_metrics(result)
+    write_json(directory / f"calibration_{args.calibrator}.json", result)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from calibprompt.sweep import run_sweep
+
+    console = Console()
+
+    def progress(i, total, config, result):
+        state = "skipped (finished)" if result.skipped else "done"
+        ece = 100 * result.metrics["uncalibrated"]["ece"]
+        console.print(f"[{i + 1}/{total}] {config.backbone} {config.dataset} {config.method} seed "
+                      f"{config.seed}: {state}, ECE {ece:.2f}%")
+
+    results = run_sweep(args.file, out=args.out, force=args.force, on_run=progress)
+    console.print(f"{len(results)} runs; report written next to them")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from calibprompt.report import write_report
+
+    written = write_report(args.runs, out=args.out, n_resamples=args.bootstrap, n_bins=args.n_bins)
+    Console().print(written["markdown"].read_text())
+    Console().print(f"written: {written['markdown']}, {written['csv']} and "
+                    f"{len(written) - 2} reliability diagram(s)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -394,6 +487,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("zeroshot", "zero-shot classification with the dataset's templates; writes a run directory")
     run_options(p)
     p.set_defaults(func=_cmd_zeroshot)
+
+    p = add("evaluate", "recompute a run's test metrics from its predictions (e.g. other bins)")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--n-bins", type=int, default=15)
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = add("calibrate", "fit a post-hoc calibrator on a run's validation logits, evaluate on test")
+    p.add_argument("run", help="a run directory")
+    p.add_argument("--calibrator", default="temperature",
+                   choices=["temperature", "vector", "matrix", "histogram", "isotonic"])
+    p.add_argument("--n-bins", type=int, default=15)
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = add("sweep", "run a YAML grid of backbones x datasets x methods x seeds (resumable)")
+    p.add_argument("file", help="sweep YAML")
+    p.add_argument("--out", help="runs directory (default: the file's 'out' or runs/)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = add("report", "tables over run directories: mean ± std across seeds, bootstrap CIs, diagrams")
+    p.add_argument("runs", help="directory containing run directories")
+    p.add_argument("--out", help="where to write report.md / report.csv (default: RUNS)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N")
+    p.add_argument("--n-bins", type=int, default=15)
+    p.set_defaults(func=_cmd_report)
 
     p = add("demo", "run the offline demo on the embedded model and write its report")
     p.add_argument("--out", default="demo_output", help="output directory (default demo_output)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -238,12 +239,15 @@ def execute_run(config: RunConfig, out: str | Path, force: bool = False) -> RunR
         with open(tmp, "wb") as f:
             np.savez(f, test_logits=test_logits.numpy(), test_labels=test_labels,
                      val_logits=val_logits.numpy(), val_labels=val_labels)
-    ts = TemperatureScaling().fit(val_logits.numpy(), val_labels)
+    with warnings.catch_warnings(record=True) as caught:  # kept in metrics.json, not lost on stderr
+        warnings.simplefilter("always", RuntimeWarning)
+        ts = TemperatureScaling().fit(val_logits.numpy(), val_labels)
     probs = torch.softmax(test_logits, -1).numpy()
     metrics = {
         "uncalibrated": evaluate(probs, test_labels, n_bins=config.n_bins),
         "temperature_scaled": evaluate(ts.transform(test_logits.numpy()), test_labels, n_bins=config.n_bins),
         "temperature": ts.temperature,
+        "temperature_warnings": [str(w.message) for w in caught],
         "excluded_test_images": [list(e) for e in test_feats.excluded],
     }
     plot_reliability(probs, test_labels, n_bins=config.n_bins, path=directory / "reliability.png",
