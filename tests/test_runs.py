@@ -149,3 +149,17 @@ def test_sweep_report_evaluate_calibrate(demo_root, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("backbones: [demo]\n")
     assert main(["sweep", str(tmp_path / "bad.yaml")]) == 2
     assert "missing ['datasets', 'methods', 'seeds']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["ce", "ls", "focal", "mdca", "dca", "mmce", "mbls", "logitnorm",
+                                    "zsnorm", "penalty", "smac", "calibprompt"])
+def test_every_preset_runs_end_to_end(demo_root, tmp_path_factory, preset):
+    cache = tmp_path_factory.getbasetemp() / "preset_cache"  # shared: features encoded once
+    result = execute_run(config(demo_root, cache, method=preset, epochs=2, views=1),
+                         tmp_path_factory.mktemp(preset))
+    metrics = result.metrics["uncalibrated"]
+    assert 0.25 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["nll"])
+    record = json.loads((result.directory / "config.json").read_text())
+    assert record["objective"]["terms"]  # the resolved objective is recorded
+    log = json.loads((result.directory / "log.json").read_text())
+    assert len(log) == 2 and all(np.isfinite(e["loss"]) for e in log)
