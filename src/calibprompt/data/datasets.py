@@ -17,6 +17,7 @@ import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -131,9 +132,10 @@ class Dataset:
         out = self.subset(keep)
         return replace(out, excluded=self.excluded + tuple(sorted(bad.items())))
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Identity of the listing: name, split, class names, relative paths, labels, sizes."""
+        """Identity of the listing: name, split, class names, relative paths, labels, sizes
+        (computed once per Dataset object: one stat per file)."""
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{self.name}|{self.split}|{'|'.join(self.classnames)}".encode())
         for f, y in zip(self.files, self.labels.tolist(), strict=True):
