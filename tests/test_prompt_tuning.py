@@ -199,3 +199,28 @@ def test_zero_shot_objectives_get_zero_shot_logits(tiny_backbone):
     assert "penalty" in logs[0].terms
     with pytest.raises(ValueError, match="zero-shot text features"):
         train_prompt(learner, bank, labels, Objective.preset("zsnorm"), TrainConfig(epochs=1))
+
+
+@pytest.mark.parametrize("case", ["quiltnet", "quiltnet_safetensors"])
+def test_shared_prefix_is_exact(backbones, case):
+    b = backbones[case]
+    shared = PromptLearner(b, CLASSES, n_ctx=5, seed=2)
+    plain = PromptLearner(b, CLASSES, n_ctx=5, seed=2, use_shared_prefix=False)
+    assert shared.shares_prefix
+    n = 1 + shared.n_ctx
+    prefix = torch.cat([shared.base_embeddings[:1, :1], shared.ctx[None]], dim=1)
+    assert b.encode_shared_prefix(prefix, shared.base_embeddings[:, n:], shared.batch) is not None
+    f_shared, f_plain = shared(), plain()
+    assert (f_shared - f_plain).abs().max().item() <= 1e-5
+    f_shared.square().sum().backward()
+    f_plain.square().sum().backward()
+    assert torch.allclose(shared.ctx.grad, plain.ctx.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prefix_is_not_used_where_it_would_be_wrong(backbones):
+    assert not PromptLearner(backbones["quiltnet"], CLASSES, n_ctx=4, position="front").shares_prefix
+    assert not PromptLearner(backbones["quiltnet"], CLASSES, n_ctx=4, class_specific=True).shares_prefix
+    bert = PromptLearner(backbones["biomedclip"], CLASSES, n_ctx=4)
+    n = 1 + bert.n_ctx
+    prefix = torch.cat([bert.base_embeddings[:1, :1], bert.ctx[None]], dim=1)
+    assert backbones["biomedclip"].encode_shared_prefix(prefix, bert.base_embeddings[:, n:], bert.batch) is None

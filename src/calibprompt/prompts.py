@@ -44,9 +44,10 @@ class PromptLearner(nn.Module):
     def __init__(
         self, backbone: Backbone, classnames: Sequence[str], n_ctx: int = 16,
         init: str = "random", init_words: str = "a photo of a", class_specific: bool = False,
-        position: str = "end", seed: int = 0,
+        position: str = "end", seed: int = 0, use_shared_prefix: bool = True,
     ) -> None:
         super().__init__()
+        self.use_shared_prefix = bool(use_shared_prefix)
         if position not in POSITIONS:
             raise ValueError(f"position: expected one of {POSITIONS}, got {position!r}")
         if init not in ("random", "words"):
@@ -132,10 +133,28 @@ class PromptLearner(nn.Module):
         index = self.ctx_positions[:, :, None].expand(-1, -1, ctx.shape[-1])
         return self.base_embeddings.scatter(1, index, ctx)
 
+    @property
+    def shares_prefix(self) -> bool:
+        """Generic context at the end: every prompt starts with [start] + the same context."""
+        expected = torch.arange(1, self.n_ctx + 1, device=self.ctx_positions.device)
+        return (self.position == "end" and not self.class_specific
+                and bool((self.ctx_positions == expected).all()))
+
     def forward(self) -> torch.Tensor:
-        """L2-normalised class text features (C, D)."""
-        embeds = self.prompt_embeddings()
+        """L2-normalised class text features (C, D).
+
+        With a generic context at the end on a causal encoder, the start token and the context
+        are encoded once for all classes (:meth:`Backbone.encode_shared_prefix`, exact).
+        """
         dtype = next(self.backbone.model.parameters()).dtype
+        if self.use_shared_prefix and self.shares_prefix:
+            n = 1 + self.n_ctx
+            prefix = torch.cat([self.base_embeddings[:1, :1], self.ctx[None]], dim=1)
+            suffix = self.base_embeddings[:, n:]
+            out = self.backbone.encode_shared_prefix(prefix.to(dtype), suffix.to(dtype), self.batch)
+            if out is not None:
+                return out
+        embeds = self.prompt_embeddings()
         return self.backbone.encode_token_embeddings(embeds.to(dtype), self.batch)
 
     def extra_repr(self) -> str:

@@ -180,6 +180,17 @@ class Backbone(ABC):
             features = self._encode_embeddings(embeds, batch)
         return F.normalize(features.float(), dim=-1)
 
+    def encode_shared_prefix(
+        self, prefix: torch.Tensor, suffix: torch.Tensor, batch: TokenBatch
+    ) -> torch.Tensor | None:
+        """Text features of prompts that all start with the same ``prefix`` embeddings (1, P, W)
+        followed by per-prompt ``suffix`` embeddings (C, S, W), computing the prefix once.
+
+        Exact for causal encoders (the prefix never attends to what follows). Returns None when
+        the family does not implement it; callers then use :meth:`encode_token_embeddings`.
+        """
+        return None
+
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """L2-normalised text features (N, D) of ``texts`` (no gradient)."""

@@ -164,6 +164,52 @@ class OpenClipBackbone(Backbone):
             return pooled
         return projection(pooled) if isinstance(projection, nn.Module) else pooled @ projection
 
+    def encode_shared_prefix(
+        self, prefix: torch.Tensor, suffix: torch.Tensor, batch: TokenBatch
+    ) -> torch.Tensor | None:
+        """Causal CLIP towers: the prefix (start token + shared context) runs once per layer;
+        each class runs only its suffix, attending to the prefix's keys and values."""
+        from open_clip.transformer import ResidualAttentionBlock
+
+        if not self.causal or self._pool not in ("argmax", "eos"):
+            return None
+        parts = self._text
+        blocks = list(parts.transformer.resblocks)
+        if not all(type(b) is ResidualAttentionBlock for b in blocks):
+            return None
+        n_prefix, length = prefix.shape[1], batch.real_length
+        if length <= n_prefix or bool((batch.eot_index < n_prefix).any()):
+            return None
+        suffix = suffix[:, : length - n_prefix]
+        with self.autocast():
+            cast = parts.transformer.get_cast_dtype()
+            pos = parts.positional_embedding[:length].to(cast)
+            h_p = prefix.to(cast) + pos[:n_prefix]
+            h_s = suffix.to(cast) + pos[n_prefix:]
+            mask = parts.attn_mask[:length, :length] if getattr(parts, "attn_mask", None) is not None \
+                else torch.full((length, length), float("-inf"), device=h_p.device).triu_(1)
+            batch_first = getattr(parts.transformer, "batch_first", False)
+            c = h_s.shape[0]
+            for block in blocks:
+                kv = block.ln_1(torch.cat([h_p.expand(c, -1, -1), h_s], dim=1))
+                q = block.ln_1(h_s)
+                if batch_first:
+                    attn = block.attention(q_x=q, k_x=kv, v_x=kv, attn_mask=mask[n_prefix:, :])
+                else:
+                    attn = block.attention(q_x=q.transpose(0, 1), k_x=kv.transpose(0, 1), v_x=kv.transpose(0, 1),
+                                           attn_mask=mask[n_prefix:, :]).transpose(0, 1)
+                new_s = h_s + block.ls_1(attn)
+                new_s = new_s + block.ls_2(block.mlp(block.ln_2(new_s)))
+                p_in = h_p if batch_first else h_p.transpose(0, 1)
+                new_p = block(p_in, attn_mask=mask[:n_prefix, :n_prefix])
+                h_p, h_s = (new_p if batch_first else new_p.transpose(0, 1)), new_s
+            x = parts.ln_final(h_s)
+            pooled = x[torch.arange(c, device=x.device), batch.eot_index - n_prefix]
+            projection = parts.text_projection
+            if projection is not None:
+                pooled = projection(pooled) if isinstance(projection, nn.Module) else pooled @ projection
+        return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
     # -- images --------------------------------------------------------------------------------
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)
