@@ -204,8 +204,9 @@ def test_zero_shot_objectives_get_zero_shot_logits(tiny_backbone):
 @pytest.mark.parametrize("case", ["quiltnet", "quiltnet_safetensors"])
 def test_shared_prefix_is_exact(backbones, case):
     b = backbones[case]
-    shared = PromptLearner(b, CLASSES, n_ctx=5, seed=2)
-    plain = PromptLearner(b, CLASSES, n_ctx=5, seed=2, use_shared_prefix=False)
+    shared = PromptLearner(b, CLASSES, n_ctx=5, seed=2, shared_prefix=True)
+    plain = PromptLearner(b, CLASSES, n_ctx=5, seed=2, shared_prefix=False)
+    assert not PromptLearner(b, CLASSES[:2], n_ctx=5).use_shared_prefix  # auto: too few classes
     assert shared.shares_prefix
     n = 1 + shared.n_ctx
     prefix = torch.cat([shared.base_embeddings[:1, :1], shared.ctx[None]], dim=1)
