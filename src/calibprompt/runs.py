@@ -123,12 +123,28 @@ def _versions() -> dict[str, str]:
     return out
 
 
+_BACKBONES: dict[tuple, Any] = {}
+
+
+def _cached_backbone(config: RunConfig) -> Any:
+    """The frozen backbone of a run, kept for the next run of a sweep (loading and
+    fingerprinting a ViT-B model costs seconds; the last two backbones stay in memory)."""
+    from calibprompt.backbones import load_backbone
+
+    key = (config.backbone, config.weights, config.device, config.precision)
+    if key not in _BACKBONES:
+        while len(_BACKBONES) >= 2:
+            _BACKBONES.pop(next(iter(_BACKBONES)))
+        _BACKBONES[key] = load_backbone(config.backbone, weights=config.weights, device=config.device,
+                                        precision=config.precision)
+    return _BACKBONES[key]
+
+
 def execute_run(config: RunConfig, out: str | Path, force: bool = False) -> RunResult:
     """Resolve, validate and run ``config`` under ``out``; a finished run is skipped unless
     ``force``; an interrupted one resumes from its last finished epoch."""
     from safetensors.torch import load_file, save_file
 
-    from calibprompt.backbones import load_backbone
     from calibprompt.calibrators import TemperatureScaling
     from calibprompt.data import DataError, FeatureStore, few_shot, load_dataset, validation_split
     from calibprompt.io import atomic_path, write_json
@@ -157,8 +173,7 @@ def execute_run(config: RunConfig, out: str | Path, force: bool = False) -> RunR
         small = [train.classnames[i] for i in np.flatnonzero(counts < config.shots)]
         raise DataError(f"--shots {config.shots}: class(es) {small} of {config.dataset}/train have fewer "
                         f"images ({counts.min()} at least); use fewer shots")
-    backbone = load_backbone(config.backbone, weights=config.weights, device=config.device,
-                             precision=config.precision)
+    backbone = _cached_backbone(config)
     directory = run_directory(out, config, train.fingerprint, backbone.fingerprint)
     if (directory / "metrics.json").is_file() and not force:
         return RunResult(directory, json.loads((directory / "metrics.json").read_text()), skipped=True)
