@@ -137,6 +137,11 @@ def test_sweep_report_evaluate_calibrate(demo_root, tmp_path, capsys):
     assert rows[1]["stats"]["uncalibrated.accuracy"]["mean"] == pytest.approx(np.mean(accs))
     lines = (tmp_path / "runs" / "report.csv").read_text().splitlines()
     assert lines[0].startswith("backbone,dataset,method,seeds,variant,accuracy") and len(lines) == 5
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--bootstrap", "50"]) == 0
+    assert "written:" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
+        "reliability_demo_demo_calibprompt.png", "reliability_demo_demo_ce.png", "report.csv", "report.md"]
+    assert main(["report", str(tmp_path / "nothing")]) == 2
 
     run = str(runs[0].parent)
     assert main(["evaluate", run, "--n-bins", "20"]) == 0
