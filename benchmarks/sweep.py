@@ -39,7 +39,7 @@ from calibprompt.objective import PRESETS, Objective
 from calibprompt.prompts import PromptLearner
 from calibprompt.runs import RunConfig, execute_run
 
-PRESET_NAMES = [p for p in PRESETS]  # 12 presets
+PRESET_NAMES = list(PRESETS)  # 12 presets
 
 
 def reference_run(backbone, train, shots, test, preset: str, seed: int, epochs: int) -> dict:

@@ -104,7 +104,7 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
 
     from calibprompt.calibrators import CALIBRATORS
     from calibprompt.io import write_json
-    from calibprompt.metrics import bootstrap, evaluate
+    from calibprompt.metrics import evaluate
     from calibprompt.plots import plot_reliability
 
     scores, labels, are_logits = _load_predictions(args.predictions, "predictions")
@@ -125,10 +125,7 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     if calibrator is not None:
         result["calibrator"] = calibrator.to_dict()
     if args.bootstrap:
-        for name in ("ece", "accuracy", "nll", "brier"):
-            ci = bootstrap(name, probs, labels, n_resamples=args.bootstrap, seed=args.seed,
-                           n_bins=args.n_bins)
-            result[f"{name}_ci"] = [ci.low, ci.high]
+        _add_intervals(result, probs, labels, args.bootstrap, args.n_bins, args.seed)
     _print_metrics(result)
     if args.json:
         write_json(args.json, result)
@@ -136,6 +133,15 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         plot_reliability(probs, labels, n_bins=args.n_bins, path=args.plot,
                          bootstrap=args.bootstrap, seed=args.seed)
     return 0
+
+
+def _add_intervals(result: dict, probs, labels, n_resamples: int, n_bins: int, seed: int = 0) -> None:
+    """95% stratified-bootstrap intervals of the headline metrics, as ``<name>_ci``."""
+    from calibprompt.metrics import bootstrap
+
+    for name in ("ece", "accuracy", "nll", "brier"):
+        ci = bootstrap(name, probs, labels, n_resamples=n_resamples, seed=seed, n_bins=n_bins)
+        result[f"{name}_ci"] = [ci.low, ci.high]
 
 
 def _print_metrics(result: dict) -> None:
@@ -295,15 +301,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from scipy.special import softmax
 
     from calibprompt.io import write_json
-    from calibprompt.metrics import bootstrap, evaluate
+    from calibprompt.metrics import evaluate
 
     directory, preds = _load_run_predictions(args.run)
     probs = softmax(preds["test_logits"], axis=1)
     result = evaluate(probs, preds["test_labels"], n_bins=args.n_bins)
     if args.bootstrap:
-        for name in ("ece", "accuracy", "nll", "brier"):
-            ci = bootstrap(name, probs, preds["test_labels"], n_resamples=args.bootstrap, n_bins=args.n_bins)
-            result[f"{name}_ci"] = [ci.low, ci.high]
+        _add_intervals(result, probs, preds["test_labels"], args.bootstrap, args.n_bins)
     _print_metrics(result)
     write_json(directory / f"metrics_{args.n_bins}bins.json", result)
     return 0

@@ -80,6 +80,9 @@ class PromptLearner(nn.Module):
         texts = [self._template(name) for name in self.classnames]
         batch = backbone.tokenize(texts)
         self.ctx_positions = self._locate(batch, placeholder_id)
+        expected = torch.arange(1, self.n_ctx + 1, device=self.ctx_positions.device)
+        self._shares_prefix = (position == "end" and not self.class_specific
+                               and bool((self.ctx_positions == expected).all()))
         with torch.no_grad():
             base = backbone.embed_tokens(batch.ids).float()
         self.register_buffer("base_embeddings", base, persistent=False)
@@ -143,9 +146,7 @@ class PromptLearner(nn.Module):
     @property
     def shares_prefix(self) -> bool:
         """Generic context at the end: every prompt starts with [start] + the same context."""
-        expected = torch.arange(1, self.n_ctx + 1, device=self.ctx_positions.device)
-        return (self.position == "end" and not self.class_specific
-                and bool((self.ctx_positions == expected).all()))
+        return self._shares_prefix
 
     def forward(self) -> torch.Tensor:
         """L2-normalised class text features (C, D).

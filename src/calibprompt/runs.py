@@ -200,14 +200,17 @@ def execute_run(config: RunConfig, out: str | Path, force: bool = False) -> RunR
         "objective": None if zero_shot else objective.to_dict(),
     }
 
+    if not zero_shot:
+        shot_set = shots.subset_of(train)
+        bank = store.view_bank(backbone, shot_set.paths, views=config.views, aug_seed=config.seed, **kw)
+        record["cache_tables"] = sorted({*record["cache_tables"], *bank.tables})
+    write_json(directory / "config.json", record)
+
     # ---- training (resumable) ------------------------------------------------------------------
     logs: list[dict[str, Any]] = []
     if zero_shot:
         text = zs_text
     else:
-        shot_set = shots.subset_of(train)
-        bank = store.view_bank(backbone, shot_set.paths, views=config.views, aug_seed=config.seed, **kw)
-        record["cache_tables"] = sorted({*record["cache_tables"], *bank.tables})
         learner = PromptLearner(backbone, train.classnames, n_ctx=config.n_ctx, init=config.init,
                                 position=config.position, class_specific=config.class_specific,
                                 seed=config.seed)
@@ -222,7 +225,6 @@ def execute_run(config: RunConfig, out: str | Path, force: bool = False) -> RunR
                 optimizer_state = {"state": {0: {"momentum_buffer": tensors["momentum"]}},
                                    "param_groups": info["param_groups"]}
             start_epoch, logs = info["epoch"] + 1, info["logs"]
-        write_json(directory / "config.json", record)
 
         def checkpoint(log, learner_, optimizer) -> None:
             logs.append(asdict(log))
@@ -242,8 +244,6 @@ def execute_run(config: RunConfig, out: str | Path, force: bool = False) -> RunR
             text = learner()
         with atomic_path(directory / "prompt.safetensors") as tmp:
             save_file({"ctx": learner.ctx.detach().cpu().contiguous()}, str(tmp))
-    if zero_shot:
-        write_json(directory / "config.json", record)
 
     # ---- evaluation ------------------------------------------------------------------------------
     test_logits = zeroshot_logits(test_feats.features, text, backbone.logit_scale).double()

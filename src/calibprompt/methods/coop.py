@@ -105,6 +105,7 @@ def train_prompt(
     device = learner.ctx.device
     feats = view_bank.to(device, torch.float32)
     labels = labels.to(device)
+    zs_text = zs_text_features.to(device) if needs_zs else None
     scale = learner.backbone.logit_scale
     n_views, n = feats.shape[0], feats.shape[1]
     optimizer = torch.optim.SGD([learner.ctx], lr=coop_lr(start_epoch, config), momentum=config.momentum,
@@ -128,7 +129,7 @@ def train_prompt(
             inputs: dict[str, torch.Tensor] = {"logits": logits, "labels": labels[index],
                                                "text_features": text}
             if needs_zs:
-                inputs["zs_logits"] = (scale * image @ zs_text_features.to(device).T).detach()
+                inputs["zs_logits"] = (scale * image @ zs_text.T).detach()
             result = objective(**{k: v for k, v in inputs.items() if k in objective.required_inputs})
             optimizer.zero_grad(set_to_none=True)
             result.total.backward()
