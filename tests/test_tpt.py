@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from calibprompt.methods.tpt import TPTConfig, confident_views, contexts_text_features, tpt_adapt
+from calibprompt.methods.tpt import (
+    TPTConfig,
+    _image_losses,
+    _shared_first_gradient,
+    confident_views,
+    contexts_text_features,
+    tpt_adapt,
+)
 from calibprompt.prompts import PromptLearner
 
 CLASSES = ["adipose tissue", "lymphocytes", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"]
@@ -64,3 +74,85 @@ def test_confident_views_pick_the_lowest_entropy():
     assert confident_views(logits, 0.1).shape == (1, 1)  # at least one view
     with pytest.raises(ValueError, match="method"):
         TPTConfig(method="ttt")
+
+
+# -- shared initial forward ----------------------------------------------------------------------
+METHOD_CONFIGS = [TPTConfig(), TPTConfig(method="ctpt", lam=50.0), TPTConfig(method="otpt", lam=18.0),
+                  TPTConfig(method="otpt_fro", lam=18.0), TPTConfig(method="soc", lam=5.0, delta=0.2)]
+
+
+@pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda c: c.method)
+def test_shared_initial_forward_equals_one_forward_per_image(learner, config):
+    feats = views(b=4)
+    assert _shared_first_gradient(learner, feats, config) is not None  # the batched path ran
+    shared_logits, shared_ctx = tpt_adapt(learner, feats, config)
+    plain_logits, plain_ctx = tpt_adapt(learner, feats, replace(config, share_initial_forward=False))
+    assert torch.equal(shared_logits.argmax(1), plain_logits.argmax(1))
+    assert torch.allclose(shared_logits, plain_logits, atol=1e-5)
+    assert torch.allclose(shared_ctx, plain_ctx, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["plip", "biomedclip", "medclip", "quiltnet"])
+def test_shared_initial_forward_works_for_every_family(backbones, case):
+    learner = PromptLearner(backbones[case], CLASSES, init="words", init_words="a photo of a")
+    feats = views(b=3, d=backbones[case].embed_dim)
+    config = TPTConfig(method="ctpt", lam=50.0)
+    assert _shared_first_gradient(learner, feats, config) is not None
+    shared_logits, _ = tpt_adapt(learner, feats, config)
+    plain_logits, _ = tpt_adapt(learner, feats, replace(config, share_initial_forward=False))
+    assert torch.allclose(shared_logits, plain_logits, atol=1e-5)
+
+
+# -- gradients against finite differences ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def learner64(tiny_backbone):
+    backbone = copy.deepcopy(tiny_backbone)
+    backbone.model.double()
+    learner = PromptLearner(backbone, CLASSES, init="words", init_words="a photo of a", shared_prefix=False)
+    learner.ctx.data = learner.ctx.data.double()
+    return learner
+
+
+@pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda c: c.method)
+def test_loss_gradient_through_the_text_encoder_matches_finite_differences(learner64, config):
+    """d(entropy + regulariser)/d(context) through the text encoder, in float64, against central
+    differences (the view selection is fixed by the initial logits, as the algorithm detaches it)."""
+    feats = views(b=1).double()
+    scale = learner64.backbone.logit_scale
+
+    def loss(ctx):
+        text = contexts_text_features(learner64, ctx[None]).double()
+        return _image_losses(scale * torch.einsum("bvd,bcd->bvc", feats, text), text, config).sum()
+
+    ctx = learner64.ctx.detach().double().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(loss, (ctx,), eps=1e-6, atol=1e-6, rtol=1e-4)
+    # the batched VJP of the shared forward gives the same gradient
+    shared = _shared_first_gradient(learner64, feats, config)
+    (analytic,) = torch.autograd.grad(loss(ctx), ctx)
+    assert torch.allclose(shared[0].double(), analytic, atol=1e-9)
+
+
+@pytest.mark.parametrize(("method", "name", "sign"), [("ctpt", "atfd", +1), ("otpt", "orth", -1),
+                                                      ("otpt_fro", "orth_fro", -1), ("soc", "soc", -1)])
+def test_a_dominant_regulariser_moves_the_text_features_its_way(learner, method, name, sign):
+    """With a large weight, one step raises ATFD (C-TPT) or lowers the orthogonality / Huber
+    penalty (O-TPT, SoC) relative to the initial prompt."""
+    from calibprompt import losses
+
+    feats = views(b=2)
+    _, ctx = tpt_adapt(learner, feats, TPTConfig(method=method, lam=1e4, delta=0.2))
+    fn = losses.LOSSES[name].fn
+    kwargs = {"delta": 0.2} if name == "soc" else {}
+    with torch.no_grad():
+        before = fn(learner(), **kwargs)
+        after = fn(contexts_text_features(learner, ctx)[0], **kwargs)
+    assert sign * (after - before) > 0
+
+
+def test_zero_steps_is_zero_shot_with_the_initial_prompt(learner):
+    feats = views(b=2)
+    logits, ctx = tpt_adapt(learner, feats, TPTConfig(steps=0))
+    with torch.no_grad():
+        expected = learner.backbone.logit_scale * feats[:, 0] @ learner().T
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert torch.equal(ctx[0], learner.ctx.detach())

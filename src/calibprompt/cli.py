@@ -43,6 +43,20 @@ every machine; existing manifests are validated and reused.""",
 Methods (presets): ce, ls, focal, mdca, dca, mmce, mbls, logitnorm, zsnorm, penalty, smac,
 calibprompt (paper's alpha/weight per backbone+dataset; override with --alpha/--weight).
 A finished run is skipped (--force redoes it); an interrupted one resumes.""",
+    "tpt": """examples:
+  calibprompt tpt --backbone quiltnet --dataset kather --root ~/data --method tpt ctpt otpt soc
+  calibprompt tpt --backbone demo --dataset demo --root demo_output/data --method zeroshot tpt ctpt
+  calibprompt tpt --backbone plip --weights ~/models/plip --dataset covid --root ~/data \
+      --method soc --lam 10 --delta 0.5 --seed 2
+  calibprompt tpt --backbone quiltnet --dataset kather --root ~/data --method tpt \
+      --init-prompt runs/kather/quiltnet/ce/16shot_seed1-0123456789       # TPT + CoOp
+
+Default protocol (SPEC §7, --protocol published): 64 views (original + 63 RandomResizedCrop +
+flip + AugMix), 4 context vectors from "a photo of a", the 10%% lowest-entropy views, one AdamW
+step (lr 5e-3), fp16 autocast on CUDA, ECE with 20 bins. Regulariser weights: C-TPT 50, O-TPT 18,
+SoC see docs/tpt.md. Every method run with the same --seed sees the same cached views; each
+method writes its own run directory, a finished one is skipped (--force), an interrupted one
+resumes.""",
     "zeroshot": """examples:
   calibprompt zeroshot --backbone quiltnet --dataset kather --root ~/data
   calibprompt zeroshot --backbone demo --dataset demo --root demo_output/data --out runs""",
@@ -288,6 +302,35 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tpt(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from calibprompt.tpt_runs import TPTRunConfig, execute_tpt_run
+
+    methods = list(dict.fromkeys(args.method))
+    if len(methods) > 1 and (args.lam is not None or args.delta is not None):
+        raise CLIError("--lam/--delta apply to one method; run the methods separately to set them")
+    console = Console()
+    for method in methods:
+        config = TPTRunConfig(
+            backbone=args.backbone, dataset=args.dataset, root=args.root, method=method,
+            weights=args.weights, seed=args.seed, protocol=args.protocol, lam=args.lam, delta=args.delta,
+            views=args.views, augmix=args.augmix, selection=args.selection, steps=args.steps, lr=args.lr,
+            ctx_init=args.ctx_init, autocast=args.autocast, n_bins=args.n_bins, init_prompt=args.init_prompt,
+            limit=args.limit, precision=args.precision, device=args.device, cache=args.cache,
+            workers=args.workers, batch_size=args.batch_size,
+        )
+        result = execute_tpt_run(config, args.out, force=args.force)
+        u = result.metrics["uncalibrated"]
+        state = "[yellow]already finished[/] " if result.skipped else ""
+        rate = result.metrics.get("images_per_second")
+        speed = f"  ({rate:.1f} img/s)" if rate and not result.skipped else ""
+        console.print(f"{state}[bold]{method}[/]: accuracy {100 * u['accuracy']:.2f}%  "
+                      f"ECE({result.metrics['n_bins']} bins) {100 * u['ece']:.2f}%  NLL {u['nll']:.4f}{speed}")
+        console.print(f"  run directory: {result.directory}")
+    return 0
+
+
 def _load_run_predictions(run: str) -> tuple[Path, dict]:
     directory = Path(run)
     path = directory / "predictions.npz"
@@ -491,6 +534,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("zeroshot", "zero-shot classification with the dataset's templates; writes a run directory")
     run_options(p)
     p.set_defaults(func=_cmd_zeroshot)
+
+    p = add("tpt", "test-time prompt tuning over a test set: TPT, C-TPT, O-TPT, SoC (or zero-shot)")
+    run_options(p)
+    p.set_defaults(n_bins=None)
+    p.add_argument("--method", nargs="+", default=["tpt"],
+                   choices=["zeroshot", "tpt", "ctpt", "otpt", "otpt_fro", "soc"],
+                   help="one or more methods, each its own run directory (default tpt)")
+    p.add_argument("--protocol", default="published", choices=["published", "published-noaugmix"])
+    p.add_argument("--lam", type=float, help="regulariser weight (default: C-TPT 50, O-TPT 18, SoC docs/tpt.md)")
+    p.add_argument("--delta", type=float, help="SoC Huber threshold")
+    p.add_argument("--views", type=int, help="views per image incl. the original (default 64)")
+    p.add_argument("--augmix", action=argparse.BooleanOptionalAction, default=None,
+                   help="AugMix on the augmented views (default: on)")
+    p.add_argument("--selection", type=float, help="fraction of lowest-entropy views kept (default 0.1)")
+    p.add_argument("--steps", type=int, help="AdamW steps per image (default 1)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-3)")
+    p.add_argument("--ctx-init", help='initial context words (default "a photo of a")')
+    p.add_argument("--init-prompt", metavar="RUN_OR_FILE",
+                   help="start from a CoOp-tuned context: a train run directory or its prompt.safetensors")
+    p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
+                   help="fp16 autocast on CUDA as the published code (default: on)")
+    p.add_argument("--batch-size", type=int, default=16, help="images adapted at once (default 16)")
+    p.add_argument("--limit", type=int, help="only the first N test images")
+    p.set_defaults(func=_cmd_tpt)
 
     p = add("evaluate", "recompute a run's test metrics from its predictions (e.g. other bins)")
     p.add_argument("run", help="a run directory")

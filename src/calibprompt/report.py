@@ -27,6 +27,7 @@ __all__ = ["GroupSummary", "collect_runs", "write_report"]
 
 METRICS = ("accuracy", "ece", "mce", "ace", "brier", "nll")
 PERCENT = {"accuracy", "ece", "mce", "ace"}
+VARIANTS = {"uncalibrated": "—", "temperature_scaled": "+ TS"}  # variant -> table label
 
 
 @dataclass
@@ -51,8 +52,10 @@ def collect_runs(root: str | Path) -> list[Path]:
 def _summaries(runs: list[Path], n_resamples: int, n_bins: int) -> list[GroupSummary]:
     groups: dict[tuple[str, str, str], list[Path]] = defaultdict(list)
     for run in runs:
-        cfg = json.loads((run / "config.json").read_text())["config"]
-        groups[(cfg["backbone"], cfg["dataset"], cfg["method"])].append(run)
+        record = json.loads((run / "config.json").read_text())
+        cfg = record["config"]
+        method = f"test-time {cfg['method']}" if "tpt" in record else cfg["method"]
+        groups[(cfg["backbone"], cfg["dataset"], method)].append(run)
     out = []
     for (backbone, dataset, method), dirs in sorted(groups.items()):
         values: dict[str, list[float]] = defaultdict(list)
@@ -61,13 +64,14 @@ def _summaries(runs: list[Path], n_resamples: int, n_bins: int) -> list[GroupSum
         for d in dirs:
             seeds.append(json.loads((d / "config.json").read_text())["config"]["seed"])
             metrics = json.loads((d / "metrics.json").read_text())
-            for variant in ("uncalibrated", "temperature_scaled"):
+            for variant in VARIANTS:
                 for m in METRICS:
-                    values[f"{variant}.{m}"].append(metrics[variant][m])
+                    if variant in metrics:
+                        values[f"{variant}.{m}"].append(metrics[variant][m])
             preds = np.load(d / "predictions.npz")
-            temperature = metrics["temperature"]  # as fitted by the run
-            probs = {"uncalibrated": softmax(preds["test_logits"], axis=1),
-                     "temperature_scaled": softmax(preds["test_logits"] / temperature, axis=1)}
+            probs = {"uncalibrated": softmax(preds["test_logits"], axis=1)}
+            if "temperature" in metrics:  # as fitted by the run (test-time tuning runs have none)
+                probs["temperature_scaled"] = softmax(preds["test_logits"] / metrics["temperature"], axis=1)
             for variant, p in probs.items():
                 ci = bootstrap("ece", p, preds["test_labels"], n_resamples=n_resamples, n_bins=n_bins)
                 cis[variant].append((ci.low, ci.high))
@@ -107,7 +111,9 @@ def write_report(root: str | Path, out: str | Path | None = None, n_resamples: i
     writer.writerow(header)
     written: dict[str, Path] = {}
     for g in groups:
-        for variant, label in (("uncalibrated", "—"), ("temperature_scaled", "+ TS")):
+        for variant, label in VARIANTS.items():
+            if variant not in g.ece_ci:
+                continue
             low, high = g.ece_ci[variant]
             cells = [_cell(g.stats, f"{variant}.{m}") for m in METRICS]
             lines.append(f"| {g.backbone} | {g.dataset} | {g.method} | {len(g.seeds)} | {label} | "

@@ -32,7 +32,8 @@ import torch
 
 from calibprompt.methods.coop import TrainConfig
 
-__all__ = ["RunConfig", "RunResult", "execute_run", "run_directory"]
+__all__ = ["RunConfig", "RunResult", "cached_backbone", "config_digest", "execute_run", "package_versions",
+           "run_directory", "safe_name"]
 
 #: Fields that do not change a run's result (where it runs, where caches live).
 NON_EFFECTIVE = ("device", "cache", "root", "progress", "workers")
@@ -87,7 +88,13 @@ class RunConfig:
         return cls(**data)
 
 
-def _digest(data: dict[str, Any], dataset_fingerprint: str, backbone_fingerprint: str) -> str:
+def safe_name(name: str, limit: int = 80) -> str:
+    """``name`` with every character outside ``[A-Za-z0-9._-]`` replaced by ``_`` (a path part)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:limit]
+
+
+def config_digest(data: dict[str, Any], dataset_fingerprint: str, backbone_fingerprint: str) -> str:
+    """10 hex digits identifying an effective config on a dataset and backbone."""
     blob = json.dumps({"config": data, "dataset": dataset_fingerprint, "backbone": backbone_fingerprint},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
@@ -95,10 +102,9 @@ def _digest(data: dict[str, Any], dataset_fingerprint: str, backbone_fingerprint
 
 def run_directory(out: Path, config: RunConfig, dataset_fingerprint: str, backbone_fingerprint: str) -> Path:
     """``out/<dataset>/<backbone>/<method>/<shots>shot_seed<seed>-<hash of the effective config>``."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{config.backbone}")
-    method = "".join(c if c.isalnum() or c in "-_." else "_" for c in config.method)[:40]
-    name = f"{config.shots}shot_seed{config.seed}-{_digest(config.effective(), dataset_fingerprint, backbone_fingerprint)}"
-    return out / config.dataset / safe / method / name
+    digest = config_digest(config.effective(), dataset_fingerprint, backbone_fingerprint)
+    name = f"{config.shots}shot_seed{config.seed}-{digest}"
+    return out / config.dataset / safe_name(config.backbone) / safe_name(config.method, 40) / name
 
 
 @dataclass
@@ -109,7 +115,8 @@ class RunResult:
     logs: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Versions of calibprompt and the libraries that decide its numbers."""
     import calibprompt
 
     out = {"calibprompt": calibprompt.__version__, "torch": torch.__version__, "numpy": np.__version__,
@@ -126,17 +133,16 @@ def _versions() -> dict[str, str]:
 _BACKBONES: dict[tuple, Any] = {}
 
 
-def _cached_backbone(config: RunConfig) -> Any:
+def cached_backbone(name: str, weights: str | None, device: str, precision: str) -> Any:
     """The frozen backbone of a run, kept for the next run of a sweep (loading and
     fingerprinting a ViT-B model costs seconds; the last two backbones stay in memory)."""
     from calibprompt.backbones import load_backbone
 
-    key = (config.backbone, config.weights, config.device, config.precision)
+    key = (name, weights, device, precision)
     if key not in _BACKBONES:
         while len(_BACKBONES) >= 2:
             _BACKBONES.pop(next(iter(_BACKBONES)))
-        _BACKBONES[key] = load_backbone(config.backbone, weights=config.weights, device=config.device,
-                                        precision=config.precision)
+        _BACKBONES[key] = load_backbone(name, weights=weights, device=device, precision=precision)
     return _BACKBONES[key]
 
 
@@ -173,7 +179,7 @@ def execute_run(config: RunConfig, out: str | Path, force: bool = False) -> RunR
         small = [train.classnames[i] for i in np.flatnonzero(counts < config.shots)]
         raise DataError(f"--shots {config.shots}: class(es) {small} of {config.dataset}/train have fewer "
                         f"images ({counts.min()} at least); use fewer shots")
-    backbone = _cached_backbone(config)
+    backbone = cached_backbone(config.backbone, config.weights, config.device, config.precision)
     directory = run_directory(out, config, train.fingerprint, backbone.fingerprint)
     if (directory / "metrics.json").is_file() and not force:
         return RunResult(directory, json.loads((directory / "metrics.json").read_text()), skipped=True)
@@ -193,7 +199,7 @@ def execute_run(config: RunConfig, out: str | Path, force: bool = False) -> RunR
     val_feats = store.features(backbone, val_set.paths, **kw)
     zs_text = zeroshot_text_features(backbone, train.classnames, train.templates)
     record = {
-        "config": asdict(config), "effective": config.effective(), "versions": _versions(),
+        "config": asdict(config), "effective": config.effective(), "versions": package_versions(),
         "metric_convention": BINNING_CONVENTION, "backbone_fingerprint": backbone.fingerprint,
         "dataset_fingerprint": train.fingerprint, "test_fingerprint": test.fingerprint,
         "cache_tables": sorted({*test_feats.tables, *val_feats.tables}),

@@ -103,6 +103,12 @@ def _weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def normalized_features(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalised features in at least float32 (half precision is promoted; float64, as
+    in gradient checks, stays float64)."""
+    return F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
+
+
 class Backbone(ABC):
     """A frozen vision-language model behind the calibprompt interface.
 
@@ -178,7 +184,7 @@ class Backbone(ABC):
             embeds, batch = embeds[:, :length], batch.truncate(length)
         with self.autocast():
             features = self._encode_embeddings(embeds, batch)
-        return F.normalize(features.float(), dim=-1)
+        return normalized_features(features)
 
     def encode_shared_prefix(
         self, prefix: torch.Tensor, suffix: torch.Tensor, batch: TokenBatch
@@ -217,7 +223,7 @@ class Backbone(ABC):
         pixels = pixels.to(self.device, non_blocking=True)
         with self.autocast():
             features = self._encode_pixels(pixels)
-        return F.normalize(features.float(), dim=-1)
+        return normalized_features(features)
 
     @abstractmethod
     def image_transform(self, train: bool = False) -> Callable[[Any], torch.Tensor]:

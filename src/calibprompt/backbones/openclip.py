@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibprompt.backbones.base import Backbone, BackboneLoadError, TokenBatch, warn_random_weights
+from calibprompt.backbones.base import (
+    Backbone,
+    BackboneLoadError,
+    TokenBatch,
+    normalized_features,
+    warn_random_weights,
+)
 from calibprompt.backbones.hf_clip import check_prompt_lengths
 from calibprompt.backbones.sources import (
     HUB_PREFIX,
@@ -208,7 +214,7 @@ class OpenClipBackbone(Backbone):
             projection = parts.text_projection
             if projection is not None:
                 pooled = projection(pooled) if isinstance(projection, nn.Module) else pooled @ projection
-        return torch.nn.functional.normalize(pooled.float(), dim=-1)
+        return normalized_features(pooled)
 
     # -- images --------------------------------------------------------------------------------
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -70,10 +70,13 @@ class FeatureResult:
 
 
 class _Images(torch.utils.data.Dataset):
-    """Decoded + transformed images; a failure is returned with its reason, not raised."""
+    """Decoded + transformed images; a failure is returned with its reason, not raised.
+
+    With a seed per image, the transform runs under that torch seed; with a *list* of seeds per
+    image, the item is the stack of one view per seed (the image is decoded once)."""
 
     def __init__(self, paths: Sequence[Path], transform: Callable[[Any], torch.Tensor],
-                 seeds: Sequence[int] | None) -> None:
+                 seeds: Sequence[int | list[int]] | None) -> None:
         self.paths, self.transform, self.seeds = list(paths), transform, seeds
 
     def __len__(self) -> int:
@@ -86,9 +89,13 @@ class _Images(torch.utils.data.Dataset):
             return i, None, f"unreadable image ({type(exc).__name__}: {str(exc)[:120]})"
         if self.seeds is None:
             return i, self.transform(image), None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seeds[i])
-            return i, self.transform(image), None
+        seeds = self.seeds[i]
+        views = []
+        for seed in seeds if isinstance(seeds, list) else [seeds]:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                views.append(self.transform(image))
+        return i, torch.stack(views) if isinstance(seeds, list) else views[0], None
 
 
 def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
@@ -270,7 +277,7 @@ class FeatureStore:
         if missing:
             todo = [first[h] for h in missing]
             seeds = [view_seed(hashes[i], view, aug_seed) for i in todo] if train else None
-            encoded, bad = self._extract(backbone, table, [paths[i] for i in todo],
+            encoded, bad = self._extract(backbone, [table], [paths[i] for i in todo],
                                          [hashes[i] for i in todo], backbone.image_transform(train=train),
                                          seeds, batch_size, num_workers, strict, progress,
                                          label=f"{backbone.name} {'view ' + str(view) if train else 'eval'}")
@@ -305,34 +312,76 @@ class FeatureStore:
                              reused=sum(r.reused for r in results),
                              tables=[t for r in results for t in r.tables])
 
+    def test_time_views(
+        self, backbone: Any, paths: Sequence[str | os.PathLike[str]], views: int = 64, *,
+        augmix: bool = True, aug_seed: int = 0, batch_size: int = 64, num_workers: int | None = None,
+        strict: bool = False, progress: bool = True,
+    ) -> FeatureResult:
+        """Features (N_ok, V, D) of TPT's ``views`` views per image (SPEC.md §7): view 0 is the
+        evaluation transform (the same cache table as :meth:`features`), views 1..V-1 are
+        :func:`~calibprompt.backbones.transforms.tpt_view_transform` under the seed
+        ``view_seed(image hash, v, aug_seed)``. Every method and hyperparameter evaluated on
+        the same ``(views, augmix, aug_seed)`` therefore sees identical views."""
+        from calibprompt.backbones.transforms import tpt_view_transform
+
+        if views < 1:
+            raise DataError(f"views: expected a positive integer, got {views}")
+        kw = {"batch_size": batch_size, "num_workers": num_workers, "strict": strict, "progress": progress}
+        original = self.features(backbone, paths, **kw)
+        if views == 1:
+            original.features = original.features[:, None]
+            return original
+        paths = [Path(p) for p in paths]
+        hashes = self.hashes(paths)
+        transform = tpt_view_transform(backbone.image_transform(train=False), augmix=augmix)
+        tables = [self._table({
+            "backbone": backbone.name, "fingerprint": backbone.fingerprint, "transform": repr(transform),
+            "kind": "test_time_view", "view": v, "aug_seed": int(aug_seed),
+        }) for v in range(1, views)]
+        readable = list(dict.fromkeys(original.hashes))
+        missing = [h for h in readable if any(h not in t.rows for t in tables)]
+        encoded = 0
+        if missing:
+            first = {h: i for i, h in reversed(list(enumerate(hashes)))}
+            seeds = [[view_seed(h, v, aug_seed) for v in range(1, views)] for h in missing]
+            encoded, bad = self._extract(backbone, tables, [paths[first[h]] for h in missing], missing,
+                                         transform, seeds, batch_size, num_workers, strict, progress,
+                                         label=f"{backbone.name} {views} test-time views")
+            if bad:  # decoded once for the original view; failing now means the file changed
+                raise DataError(f"{next(iter(bad.values()))}: image changed while its views were encoded")
+        try:
+            augmented = torch.stack([t.gather(original.hashes) for t in tables], dim=1)
+        except _StaleShard:
+            return self.test_time_views(backbone, paths, views, augmix=augmix, aug_seed=aug_seed, **kw)
+        return FeatureResult(torch.cat([original.features[:, None], augmented], dim=1), original.index,
+                             original.hashes, original.excluded, encoded=original.encoded + encoded,
+                             reused=len(readable) - len(missing),
+                             tables=[*original.tables, *(str(t.dir) for t in tables)])
+
     def _extract(
-        self, backbone: Any, table: _Table, paths: list[Path], hashes: list[str],
-        transform: Callable, seeds: list[int] | None, batch_size: int, num_workers: int | None,
+        self, backbone: Any, tables: list[_Table], paths: list[Path], hashes: list[str],
+        transform: Callable, seeds: list | None, batch_size: int, num_workers: int | None,
         strict: bool, progress: bool, label: str,
     ) -> tuple[int, dict[str, str]]:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
+        """Encode ``paths`` into ``tables``: one table, or one per view when each image has a
+        list of view seeds (items are then (V, 3, H, W) and view v goes to ``tables[v]``)."""
+        from calibprompt.progress import rate_progress
 
         if num_workers is None:
             num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+        multi = seeds is not None and isinstance(seeds[0], list)
         loader = torch.utils.data.DataLoader(
-            _Images(paths, transform, seeds), batch_size=batch_size, shuffle=False,
+            _Images(paths, transform, seeds), shuffle=False,
+            batch_size=max(1, batch_size // len(seeds[0])) if multi else batch_size,
             num_workers=num_workers, collate_fn=_collate,
             pin_memory=backbone.device.type == "cuda",
         )
         bad: dict[str, str] = {}
         pending_hashes: list[str] = []
-        pending: list[torch.Tensor] = []
+        pending: list[torch.Tensor] = []  # (n, D), or (n, V, D) with several views
         encoded = 0
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn())
         start = time.perf_counter()
-        with Progress(*columns, disable=not progress, transient=True) as bar:
+        with rate_progress(progress) as bar:
             task = bar.add_task(f"encoding {label}", total=len(paths), rate="-")
             for idx, pixels, errors in loader:
                 for i, reason in errors:
@@ -340,16 +389,29 @@ class FeatureStore:
                         raise DataError(f"{paths[i]}: {reason} (strict=True)")
                     bad[hashes[i]] = reason
                 if pixels is not None:
-                    feats = backbone.encode_images(pixels).cpu()
-                    pending.append(feats)
+                    flat = pixels.flatten(0, 1) if multi else pixels
+                    feats = torch.cat([backbone.encode_images(chunk).cpu()
+                                       for chunk in flat.split(batch_size)])
+                    pending.append(feats.view(len(idx), -1, feats.shape[-1]) if multi else feats)
                     pending_hashes.extend(hashes[i] for i in idx)
                     encoded += len(idx)
                     if len(pending_hashes) >= self.shard_size:
-                        table.write(pending_hashes, torch.cat(pending))
+                        self._flush(tables, pending_hashes, pending, multi)
                         pending, pending_hashes = [], []
                 done = len(idx) + len(errors)
                 rate = encoded / max(time.perf_counter() - start, 1e-9)
                 bar.update(task, advance=done, rate=f"{rate:.1f}")
         if pending_hashes:
-            table.write(pending_hashes, torch.cat(pending))
+            self._flush(tables, pending_hashes, pending, multi)
         return encoded, bad
+
+    @staticmethod
+    def _flush(tables: list[_Table], hashes: list[str], pending: list[torch.Tensor], multi: bool) -> None:
+        feats = torch.cat(pending)
+        if not multi:
+            tables[0].write(hashes, feats)
+            return
+        for v, table in enumerate(tables):
+            todo = [row for row, h in enumerate(hashes) if h not in table.rows]
+            if todo:
+                table.write([hashes[r] for r in todo], feats[todo, v])

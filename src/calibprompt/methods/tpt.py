@@ -12,13 +12,20 @@ the *sum* of the per-image losses, so each image's gradient is its own; AdamW is
 one AdamW over the stacked tensor is exactly B independent AdamW optimisers. Every image's update
 is therefore the one it would get alone.
 
-This module holds the algorithm on pre-computed view features; the CLI, view caching per
-(image, view seed), presets and the benchmark come with the rest of the TPT issue.
+Shared initial forward: every image starts from the same context, so the class text features
+of the first step are computed once per batch (C prompts, not B x C); each image's gradient is
+then one vector-Jacobian product through that single graph, B of them batched with
+``torch.autograd.grad(..., is_grads_batched=True)``. The result equals B separate forwards.
+
+This module holds the algorithm on pre-computed view features
+(:meth:`calibprompt.data.FeatureStore.test_time_views`); runs over a test set, presets and the
+CLI are in :mod:`calibprompt.tpt_runs`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +52,21 @@ class TPTConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    share_initial_forward: bool = True
+    autocast: bool = False  # fp16 autocast of the published code; applies on CUDA only
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "betas": list(self.betas)}
 
     def __post_init__(self) -> None:
         if self.method not in REGULARIZERS:
             raise ValueError(f"method: expected one of {sorted(REGULARIZERS)}, got {self.method!r}")
         if not 0.0 < self.selection <= 1.0:
             raise ValueError(f"selection: expected a fraction in (0, 1], got {self.selection}")
+        if self.steps < 0:
+            raise ValueError(f"steps: expected a non-negative integer, got {self.steps}")
+        if self.method != "tpt" and self.lam < 0:
+            raise ValueError(f"lam: expected a non-negative weight, got {self.lam}")
 
 
 def confident_views(logits: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -66,7 +82,7 @@ def confident_views(logits: torch.Tensor, ratio: float) -> torch.Tensor:
 def contexts_text_features(learner: PromptLearner, ctx: torch.Tensor) -> torch.Tensor:
     """Class text features (B, C, D) for B contexts (B, n_ctx, W) of a generic PromptLearner."""
     b, c = ctx.shape[0], len(learner.classnames)
-    base = learner.base_embeddings.expand(b, -1, -1, -1)  # (B, C, L, W)
+    base = learner.base_embeddings.to(ctx.dtype).expand(b, -1, -1, -1)  # (B, C, L, W)
     index = learner.ctx_positions[None, :, :, None].expand(b, -1, -1, ctx.shape[-1])
     embeds = base.scatter(2, index, ctx[:, None].expand(-1, c, -1, -1))
     batch = learner.batch.select(torch.arange(c).repeat(b))
@@ -89,14 +105,46 @@ def _image_losses(view_logits: torch.Tensor, text: torch.Tensor, config: TPTConf
     return per_image
 
 
+def _autocast(config: TPTConfig, device: torch.device):
+    if config.autocast and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _shared_first_gradient(
+    learner: PromptLearner, feats: torch.Tensor, config: TPTConfig,
+) -> torch.Tensor | None:
+    """Per-image gradients (B, n_ctx, W) at the common initial context, with one text forward.
+
+    ``d loss_b / d ctx = J^T g_b`` where J is the Jacobian of the C class features at the
+    initial context (the same for every image) and ``g_b = d loss_b / d T``; the B products run
+    batched through the one graph. Returns None when the encoder does not support batched
+    gradients (the caller then uses B forwards, which give the same result).
+    """
+    b = feats.shape[0]
+    ctx = learner.ctx.detach().clone().requires_grad_(True)
+    with _autocast(config, ctx.device):
+        text = contexts_text_features(learner, ctx[None])[0]  # (C, D) once per batch
+    per_image = text.detach()[None].repeat(b, 1, 1).requires_grad_(True)
+    view_logits = learner.backbone.logit_scale * torch.einsum("bvd,bcd->bvc", feats, per_image)
+    (cotangents,) = torch.autograd.grad(_image_losses(view_logits, per_image, config).sum(), per_image)
+    try:
+        (grad,) = torch.autograd.grad(text, ctx, grad_outputs=cotangents, is_grads_batched=True)
+    except RuntimeError:
+        return None
+    return grad
+
+
 def tpt_adapt(
     learner: PromptLearner, view_features: torch.Tensor, config: TPTConfig = TPTConfig(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adapt one context per image and classify the original view.
 
     ``view_features`` (B, V, D) are normalised image features with view 0 the original image.
-    ``learner`` provides the initial (generic) context and the prompts. Returns the logits of
-    view 0 under each image's adapted prompt (B, C) and the adapted contexts (B, n_ctx, W).
+    ``learner`` provides the initial (generic) context and the prompts -- "a photo of a", or a
+    CoOp-tuned context for TPT + CoOp. Returns the logits of view 0 under each image's adapted
+    prompt (B, C) and the adapted contexts (B, n_ctx, W). ``steps=0`` is zero-shot with the
+    initial prompt.
     """
     if learner.class_specific:
         raise ValueError("tpt_adapt: needs a generic (shared) initial context")
@@ -108,14 +156,21 @@ def tpt_adapt(
     ctx = learner.ctx.detach()[None].repeat(b, 1, 1).requires_grad_(True)  # reset per image
     optimizer = torch.optim.AdamW([ctx], lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay)
-    for _ in range(config.steps):
-        text = contexts_text_features(learner, ctx)
-        view_logits = scale * torch.einsum("bvd,bcd->bvc", feats, text)
-        loss = _image_losses(view_logits, text, config).sum()  # sum: each image keeps its gradient
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    for step in range(config.steps):
+        grad = _shared_first_gradient(learner, feats, config) if step == 0 and config.share_initial_forward else None
+        if grad is None:
+            with _autocast(config, ctx.device):
+                text = contexts_text_features(learner, ctx).float()
+            view_logits = scale * torch.einsum("bvd,bcd->bvc", feats, text)
+            loss = _image_losses(view_logits, text, config).sum()  # sum: each image keeps its gradient
+            grad = torch.autograd.grad(loss, ctx)[0]
+        ctx.grad = grad.to(ctx.dtype)
         optimizer.step()
-    with torch.no_grad():
-        text = contexts_text_features(learner, ctx)
+        optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad(), _autocast(config, ctx.device):
+        if config.steps == 0:
+            text = contexts_text_features(learner, ctx[:1]).float().expand(b, -1, -1)
+        else:
+            text = contexts_text_features(learner, ctx).float()
         logits = scale * torch.einsum("bd,bcd->bc", feats[:, 0], text)
     return logits, ctx.detach()

@@ -1,0 +1,14 @@
+"""One progress-bar style for long loops: description, bar, done/total, items per second, ETA."""
+
+from __future__ import annotations
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+__all__ = ["rate_progress"]
+
+
+def rate_progress(enabled: bool = True, unit: str = "img") -> Progress:
+    """A transient rich progress bar; tasks carry a ``rate`` field shown as ``<rate> <unit>/s``."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn(f"{{task.fields[rate]}} {unit}/s"), TimeRemainingColumn(),
+                    disable=not enabled, transient=True)

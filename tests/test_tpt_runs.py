@@ -1,0 +1,221 @@
+"""Test-time views (cached, reproducible), TPT runs over a test set, the ``tpt`` command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from calibprompt import tpt_runs
+from calibprompt.backbones.transforms import (
+    AugMix,
+    clip_transform,
+    medclip_transform,
+    tpt_view_transform,
+)
+from calibprompt.cli import main
+from calibprompt.data import FeatureStore, load_dataset
+from calibprompt.demo.tissue import write_demo_dataset
+from calibprompt.report import group_rows
+from calibprompt.tpt_runs import TPTRunConfig, execute_tpt_run
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tpt_demo")
+    write_demo_dataset(root, per_class={"train": 12, "test": 6})
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_backbone():
+    from calibprompt.backbones import load_backbone
+
+    return load_backbone("demo")
+
+
+def run_config(root, cache, **kw) -> TPTRunConfig:
+    return TPTRunConfig(backbone="demo", dataset="demo", root=str(root), cache=str(cache), workers=0,
+                        progress=False, views=16, **kw)
+
+
+# -- views -----------------------------------------------------------------------------------------
+def test_view_transforms_have_process_independent_reprs():
+    """The transform's repr is part of the feature-cache key: a function address in it would make
+    every new process miss the cache."""
+    for transform in (clip_transform(224), clip_transform(224, train=True), medclip_transform(224),
+                      tpt_view_transform(clip_transform(224)), tpt_view_transform(medclip_transform(224), False)):
+        assert " at 0x" not in repr(transform)
+
+
+def test_augmented_view_is_reproducible_and_has_the_eval_geometry():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    for augmix in (True, False):
+        transform = tpt_view_transform(clip_transform(32), augmix=augmix)
+        torch.manual_seed(5)
+        a = transform(image)
+        torch.manual_seed(5)
+        b = transform(image)
+        torch.manual_seed(6)
+        c = transform(image)
+        assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    gray = tpt_view_transform(medclip_transform(48), augmix=True)(image)
+    assert gray.shape == (3, 48, 48) and torch.equal(gray[0], gray[2])  # MedCLIP: repeated channel
+
+
+def test_augmix_mixes_the_clean_image_with_augmented_chains():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    preprocess = clip_transform(32).transforms[-3:]
+    from torchvision import transforms as T
+
+    augmix = AugMix(T.Compose(preprocess))
+    clean = T.Compose(preprocess)(image)
+    outs = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        outs.append(augmix(image))
+    assert all(o.shape == clean.shape for o in outs)
+    assert not any(torch.equal(o, clean) for o in outs)
+    for name in AugMix.OPERATIONS:  # every operation runs at severity 1 and keeps the size
+        assert augmix._operate(name, image).size == image.size
+
+
+def test_test_time_views_are_cached_and_shared(tmp_path, demo_root, demo_backbone):
+    test = load_dataset("demo", demo_root, "test")
+    paths = test.paths[:5]
+    store = FeatureStore(tmp_path / "cache")
+    first = store.test_time_views(demo_backbone, paths, 8, aug_seed=3, num_workers=0, progress=False)
+    assert first.features.shape == (5, 8, demo_backbone.embed_dim)
+    assert first.encoded == 10  # 5 originals + the augmented views of 5 images
+    # view 0 is the evaluation transform, the same table as the plain features
+    plain = store.features(demo_backbone, paths, num_workers=0, progress=False)
+    assert torch.equal(first.features[:, 0], plain.features)
+    # a new store over the same cache (another process, another method) encodes nothing
+    again = FeatureStore(tmp_path / "cache").test_time_views(demo_backbone, list(reversed(paths)), 8,
+                                                            aug_seed=3, num_workers=0, progress=False)
+    assert again.encoded == 0 and torch.equal(again.features.flip(0), first.features)
+    # identical when encoded afresh with workers and in another order; other seeds differ
+    fresh = FeatureStore(tmp_path / "fresh").test_time_views(demo_backbone, list(reversed(paths)), 8, aug_seed=3,
+                                                            num_workers=2, progress=False)
+    assert torch.allclose(fresh.features.flip(0), first.features, atol=1e-6)
+    other = store.test_time_views(demo_backbone, paths, 8, aug_seed=4, num_workers=0, progress=False)
+    assert torch.equal(other.features[:, 0], first.features[:, 0])
+    assert not torch.allclose(other.features[:, 1:], first.features[:, 1:])
+    plain_crops = store.test_time_views(demo_backbone, paths, 8, aug_seed=3, augmix=False, num_workers=0,
+                                        progress=False)
+    assert not torch.allclose(plain_crops.features[:, 1:], first.features[:, 1:])
+
+
+# -- runs ------------------------------------------------------------------------------------------
+def test_config_resolves_protocol_and_method_defaults():
+    c = TPTRunConfig(backbone="demo", dataset="demo", root=".", method="ctpt").resolved()
+    assert (c.views, c.augmix, c.selection, c.steps, c.lr, c.n_bins, c.lam) == (64, True, 0.1, 1, 5e-3, 20, 50.0)
+    assert TPTRunConfig(backbone="d", dataset="d", root=".", method="otpt").resolved().lam == 18.0
+    assert TPTRunConfig(backbone="d", dataset="d", root=".", method="zeroshot").resolved().steps == 0
+    assert not TPTRunConfig(backbone="d", dataset="d", root=".", protocol="published-noaugmix").resolved().augmix
+    with pytest.raises(ValueError, match="method"):
+        TPTRunConfig(backbone="d", dataset="d", root=".", method="ttt").resolved()
+    with pytest.raises(ValueError, match="selection"):
+        TPTRunConfig(backbone="d", dataset="d", root=".", selection=0.0).resolved()
+
+
+def test_run_equals_the_algorithm_and_resumes_exactly(tmp_path, demo_root, demo_backbone, monkeypatch):
+    from calibprompt.methods.tpt import tpt_adapt
+    from calibprompt.prompts import PromptLearner
+
+    config = run_config(demo_root, tmp_path / "cache", method="ctpt", batch_size=4)
+    result = execute_tpt_run(config, tmp_path / "runs")
+    preds = np.load(result.directory / "predictions.npz")
+    n = len(load_dataset("demo", demo_root, "test").paths)
+    assert preds["test_logits"].shape == (n, 4) and result.metrics["adapted_images"] == n
+    assert result.metrics["n_bins"] == 20
+    recorded = json.loads((result.directory / "config.json").read_text())
+    assert recorded["tpt"]["lam"] == 50.0 and recorded["effective"]["views"] == 16
+
+    # the run's logits are the algorithm's on the cached views
+    views = FeatureStore(tmp_path / "cache").test_time_views(demo_backbone, load_dataset("demo", demo_root, "test").paths,
+                                                            16, aug_seed=1, num_workers=0, progress=False)
+    learner = PromptLearner(demo_backbone, load_dataset("demo", demo_root, "test").classnames, init="words",
+                            init_words="a photo of a")
+    direct, _ = tpt_adapt(learner, views.features[:3], config.resolved().tpt_config())
+    assert np.allclose(preds["test_logits"][:3], direct.double().numpy(), atol=1e-5)
+
+    # finished: skipped; interrupted after the first part: resumes with only the rest
+    assert execute_tpt_run(config, tmp_path / "runs").skipped
+    monkeypatch.setattr(tpt_runs, "PART_IMAGES", 10)
+    calls = {"n": 0}
+    import calibprompt.methods.tpt as tpt_module  # execute_tpt_run imports tpt_adapt when called
+
+    original = tpt_module.tpt_adapt
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:  # 3 batches of 4 images = the first part of 10 (+2)
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tpt_module, "tpt_adapt", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        execute_tpt_run(config, tmp_path / "runs", force=True)
+    assert not (result.directory / "metrics.json").exists()
+    assert len(list((result.directory / "parts").glob("part-*.npz"))) == 1
+    monkeypatch.setattr(tpt_module, "tpt_adapt", original)
+    resumed = execute_tpt_run(config, tmp_path / "runs")
+    assert resumed.metrics["adapted_images"] == n - 10
+    assert np.allclose(np.load(resumed.directory / "predictions.npz")["test_logits"], preds["test_logits"], atol=1e-6)
+    assert resumed.metrics["uncalibrated"]["ece"] == pytest.approx(result.metrics["uncalibrated"]["ece"], abs=1e-9)
+
+
+def test_methods_share_views_and_differ_only_by_the_regulariser(tmp_path, demo_root):
+    results = {m: execute_tpt_run(run_config(demo_root, tmp_path / "cache", method=m), tmp_path / "runs")
+               for m in ("zeroshot", "tpt", "ctpt", "soc")}
+    tables = {m: json.loads((r.directory / "config.json").read_text())["cache_tables"] for m, r in results.items()}
+    assert len({tuple(t) for t in tables.values()}) == 1
+    logits = {m: np.load(r.directory / "predictions.npz")["test_logits"] for m, r in results.items()}
+    assert not np.allclose(logits["tpt"], logits["zeroshot"])
+    assert not np.allclose(logits["ctpt"], logits["tpt"])
+    assert len({r.directory for r in results.values()}) == 4
+    rows = {r["method"]: r for r in group_rows(tmp_path / "runs", n_resamples=20)}
+    assert set(rows) == {"test-time zeroshot", "test-time tpt", "test-time ctpt", "test-time soc"}
+    assert rows["test-time tpt"]["stats"]["uncalibrated.accuracy"]["mean"] == pytest.approx(
+        results["tpt"].metrics["uncalibrated"]["accuracy"])
+
+
+def test_tpt_from_a_coop_context(tmp_path, demo_root):
+    from calibprompt.runs import RunConfig, execute_run
+
+    coop = execute_run(RunConfig(backbone="demo", dataset="demo", root=str(demo_root), method="ce", shots=2,
+                                 epochs=1, views=2, n_ctx=4, val_per_class=4, cache=str(tmp_path / "cache"), workers=0,
+                                 progress=False), tmp_path / "runs")
+    plain = execute_tpt_run(run_config(demo_root, tmp_path / "cache"), tmp_path / "runs")
+    from_coop = execute_tpt_run(run_config(demo_root, tmp_path / "cache", init_prompt=str(coop.directory)),
+                                tmp_path / "runs")
+    assert from_coop.directory != plain.directory
+    assert json.loads((from_coop.directory / "config.json").read_text())["init_prompt_digest"]
+    assert not np.allclose(np.load(from_coop.directory / "predictions.npz")["test_logits"],
+                           np.load(plain.directory / "predictions.npz")["test_logits"])
+    with pytest.raises(ValueError, match="init-prompt"):
+        execute_tpt_run(run_config(demo_root, tmp_path / "cache", init_prompt=str(tmp_path)), tmp_path / "runs")
+
+
+def test_cli_runs_several_methods_and_rejects_bad_input(tmp_path, demo_root, capsys):
+    base = ["tpt", "--backbone", "demo", "--dataset", "demo", "--root", str(demo_root), "--out", str(tmp_path / "runs"),
+            "--cache", str(tmp_path / "cache"), "--workers", "0", "--views", "8", "--limit", "10"]
+    assert main([*base, "--method", "zeroshot", "tpt", "otpt"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("run directory") == 3 and "ECE(20 bins)" in out
+    dirs = list((tmp_path / "runs" / "demo" / "demo").glob("tpt-*/seed1-*"))
+    assert sorted(d.parent.name for d in dirs) == ["tpt-otpt", "tpt-tpt", "tpt-zeroshot"]
+    assert all(np.load(d / "predictions.npz")["test_logits"].shape == (10, 4) for d in dirs)
+    assert main([*base, "--method", "tpt"]) == 0 and "already finished" in capsys.readouterr().out
+
+    for bad, message in ((["--method", "tpt", "ctpt", "--lam", "3"], "one method"),
+                         (["--views", "0"], "views"), (["--selection", "1.5"], "selection"),
+                         (["--init-prompt", str(tmp_path / "nope")], "init-prompt")):
+        args = [*base[:7], "--out", str(tmp_path / "bad"), "--cache", str(tmp_path / "cache"), *bad]
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
