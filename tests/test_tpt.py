@@ -22,14 +22,22 @@ from calibprompt.prompts import PromptLearner
 CLASSES = ["adipose tissue", "lymphocytes", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"]
 
 
-def views(b=3, v=16, d=16, seed=0):
+def views(b=3, v=16, d=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(b, v, d, generator=g), dim=-1)
 
 
+@pytest.fixture(scope="module")
+def demo_backbone():
+    from calibprompt.backbones import load_backbone
+
+    return load_backbone("demo")
+
+
 @pytest.fixture
-def learner(tiny_backbone):
-    return PromptLearner(tiny_backbone, CLASSES, init="words", init_words="a photo of a")
+def learner(demo_backbone):
+    """The embedded demo model with TPT's initial prompt."""
+    return PromptLearner(demo_backbone, CLASSES, init="words", init_words="a photo of a")
 
 
 def test_context_features_match_the_learner(learner):
@@ -44,7 +52,7 @@ def test_context_features_match_the_learner(learner):
 
 @pytest.mark.parametrize("config", [
     TPTConfig(), TPTConfig(method="ctpt", lam=50.0), TPTConfig(method="otpt", lam=18.0),
-    TPTConfig(method="soc", lam=5.0, delta=0.2), TPTConfig(steps=2),
+    TPTConfig(method="otpt_fro", lam=18.0), TPTConfig(method="soc", lam=5.0, delta=0.2), TPTConfig(steps=2),
 ])
 def test_batched_equals_per_image(learner, config):
     feats = views()
@@ -117,7 +125,7 @@ def learner64(tiny_backbone):
 def test_loss_gradient_through_the_text_encoder_matches_finite_differences(learner64, config):
     """d(entropy + regulariser)/d(context) through the text encoder, in float64, against central
     differences (the view selection is fixed by the initial logits, as the algorithm detaches it)."""
-    feats = views(b=1).double()
+    feats = views(b=1, d=learner64.backbone.embed_dim).double()
     scale = learner64.backbone.logit_scale
 
     def loss(ctx):

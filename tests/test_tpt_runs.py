@@ -118,6 +118,10 @@ def test_config_resolves_protocol_and_method_defaults():
     assert not TPTRunConfig(backbone="d", dataset="d", root=".", protocol="published-noaugmix").resolved().augmix
     with pytest.raises(ValueError, match="method"):
         TPTRunConfig(backbone="d", dataset="d", root=".", method="ttt").resolved()
+    with pytest.raises(ValueError, match="no regulariser"):
+        TPTRunConfig(backbone="d", dataset="d", root=".", method="tpt", lam=5.0).resolved()
+    with pytest.raises(ValueError, match="Huber"):
+        TPTRunConfig(backbone="d", dataset="d", root=".", method="ctpt", delta=0.3).resolved()
     with pytest.raises(ValueError, match="selection"):
         TPTRunConfig(backbone="d", dataset="d", root=".", selection=0.0).resolved()
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from calibprompt import losses
 from calibprompt.methods.tpt import TPTConfig
 
 __all__ = ["METHOD_DEFAULTS", "PROTOCOLS", "TPTRunConfig", "execute_tpt_run"]
@@ -38,7 +39,7 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "ctpt": {"lam": 50.0},
     "otpt": {"lam": 18.0},
     "otpt_fro": {"lam": 18.0},
-    "soc": {"lam": 10.0, "delta": 0.5},
+    "soc": {"lam": 1.0, "delta": losses.SOC_DELTA},
 }
 
 #: Protocols: ``published`` is SPEC.md §7 as TPT runs its fine-grained datasets (AugMix views);
@@ -93,7 +94,12 @@ class TPTRunConfig:
             raise ValueError(f"protocol: expected one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
         if self.method not in METHOD_DEFAULTS:
             raise ValueError(f"method: expected one of {sorted(METHOD_DEFAULTS)}, got {self.method!r}")
-        defaults = {**PROTOCOLS[self.protocol], "lam": 0.0, "delta": 0.5, **METHOD_DEFAULTS[self.method]}
+        if self.method in ("zeroshot", "tpt") and self.lam not in (None, 0.0):
+            raise ValueError(f"lam: {self.method} has no regulariser; --lam applies to ctpt, otpt, otpt_fro, soc")
+        if self.method != "soc" and self.delta is not None:
+            raise ValueError(f"delta: only SoC has a Huber threshold, not {self.method}")
+        defaults = {**PROTOCOLS[self.protocol], "lam": 0.0, "delta": losses.SOC_DELTA,
+                    **METHOD_DEFAULTS[self.method]}
         if self.method == "zeroshot":
             defaults["steps"] = 0
         filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
@@ -116,14 +122,6 @@ class TPTRunConfig:
 
     def effective(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in NON_EFFECTIVE}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TPTRunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"TPT run config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(**data)
 
 
 def tpt_run_directory(out: Path, config: TPTRunConfig, dataset_fingerprint: str, backbone_fingerprint: str,

@@ -25,6 +25,7 @@ CLI are in :mod:`calibprompt.tpt_runs`.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -45,7 +46,7 @@ class TPTConfig:
 
     method: str = "tpt"
     lam: float = 0.0
-    delta: float = 0.5
+    delta: float = losses.SOC_DELTA
     selection: float = 0.1
     steps: int = 1
     lr: float = 5e-3
@@ -130,7 +131,10 @@ def _shared_first_gradient(
     (cotangents,) = torch.autograd.grad(_image_losses(view_logits, per_image, config).sum(), per_image)
     try:
         (grad,) = torch.autograd.grad(text, ctx, grad_outputs=cotangents, is_grads_batched=True)
-    except RuntimeError:
+    except RuntimeError as exc:
+        warnings.warn(f"TPT: {type(learner.backbone).__name__} does not support batched gradients "
+                      f"({str(exc)[:200]}); using one forward per image (same result, slower)",
+                      RuntimeWarning, stacklevel=3)
         return None
     return grad
 
