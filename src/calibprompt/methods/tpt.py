@@ -81,7 +81,8 @@ def confident_views(logits: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def contexts_text_features(learner: PromptLearner, ctx: torch.Tensor) -> torch.Tensor:
-    """Class text features (B, C, D) for B contexts (B, n_ctx, W) of a generic PromptLearner."""
+    """Class text features (B, C, D), L2-normalised in at least float32, for B contexts
+    (B, n_ctx, W) of a generic PromptLearner."""
     b, c = ctx.shape[0], len(learner.classnames)
     base = learner.base_embeddings.to(ctx.dtype).expand(b, -1, -1, -1)  # (B, C, L, W)
     index = learner.ctx_positions[None, :, :, None].expand(b, -1, -1, ctx.shape[-1])
@@ -164,7 +165,7 @@ def tpt_adapt(
         grad = _shared_first_gradient(learner, feats, config) if step == 0 and config.share_initial_forward else None
         if grad is None:
             with _autocast(config, ctx.device):
-                text = contexts_text_features(learner, ctx).float()
+                text = contexts_text_features(learner, ctx)
             view_logits = scale * torch.einsum("bvd,bcd->bvc", feats, text)
             loss = _image_losses(view_logits, text, config).sum()  # sum: each image keeps its gradient
             grad = torch.autograd.grad(loss, ctx)[0]
@@ -173,8 +174,8 @@ def tpt_adapt(
         optimizer.zero_grad(set_to_none=True)
     with torch.no_grad(), _autocast(config, ctx.device):
         if config.steps == 0:
-            text = contexts_text_features(learner, ctx[:1]).float().expand(b, -1, -1)
+            text = contexts_text_features(learner, ctx[:1]).expand(b, -1, -1)
         else:
-            text = contexts_text_features(learner, ctx).float()
+            text = contexts_text_features(learner, ctx)
         logits = scale * torch.einsum("bd,bcd->bc", feats[:, 0], text)
     return logits, ctx.detach()
