@@ -37,7 +37,8 @@ from calibprompt.methods.coop import TrainConfig, coop_lr, epoch_batches
 from calibprompt.metrics import evaluate
 from calibprompt.objective import PRESETS, Objective
 from calibprompt.prompts import PromptLearner
-from calibprompt.runs import RunConfig, execute_run
+from calibprompt.runs import PromptRunConfig as RunConfig
+from calibprompt.runs import execute_run
 
 PRESET_NAMES = list(PRESETS)  # 12 presets
 

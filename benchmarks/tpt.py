@@ -41,7 +41,7 @@ from calibprompt.data.images import open_image
 from calibprompt.data.synthetic import make_dataset_tree
 from calibprompt.methods.tpt import REGULARIZERS, TPTConfig, confident_views, tpt_adapt
 from calibprompt.prompts import PromptLearner
-from calibprompt.tpt_runs import METHOD_DEFAULTS
+from calibprompt.runs.tpt import METHOD_DEFAULTS
 
 METHODS = ("tpt", "ctpt", "otpt", "soc")
 KATHER = ["adipose tissue", "background", "debris", "lymphocytes", "mucus", "smooth muscle",

@@ -31,7 +31,8 @@ from calibprompt.io import write_json
 from calibprompt.methods.tpt import TPTConfig, tpt_adapt
 from calibprompt.metrics import evaluate
 from calibprompt.prompts import PromptLearner
-from calibprompt.tpt_runs import METHOD_DEFAULTS, TPTRunConfig, execute_tpt_run
+from calibprompt.runs import TPTRunConfig, execute_run
+from calibprompt.runs.tpt import METHOD_DEFAULTS
 
 DELTAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 LAMBDAS = (1.0, 5.0, 10.0, 20.0, 50.0, 100.0)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         extra = {"lam": best["lam"], "delta": best["delta"]} if method == "soc" else {}
         config = TPTRunConfig(backbone="demo", dataset="demo", root=str(root), method=method, seed=seed,
                               cache=str(out / "cache"), workers=args.workers, **extra)
-        result = execute_tpt_run(config, out / "runs")
+        result = execute_run(config, out / "runs")
         per_seed[method].append({"seed": seed, **result.metrics["uncalibrated"], "run": str(result.directory)})
     summary = {m: {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
                    for k in ("accuracy", "ece", "ace", "mce", "nll", "brier", "mean_confidence")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from calibprompt.backbones import load_backbone
@@ -59,21 +60,29 @@ def test_demo_tokenizer():
 
 
 def test_pipeline_end_to_end(tmp_path):
-    report = run_demo(tmp_path, seeds=(1, 2), epochs=3, progress=False)
-    names = set(report.rows)
-    assert names == {"zero-shot", "zero-shot + TS", "CE prompt tuning", "CE prompt tuning + TS",
-                     "CalibPrompt", "CalibPrompt + TS"}
-    data = json.loads((tmp_path / "results.json").read_text())
-    assert data["config"]["seeds"] == [1, 2] and len(data["per_seed"]["CalibPrompt"]) == 2
-    zs = report.rows["zero-shot"]
-    assert zs["accuracy"]["std"] == 0.0 and 0.6 < zs["accuracy"]["mean"] < 1.0
-    for name in names:
-        assert report.rows[name]["accuracy"]["mean"] == report.rows[name.replace(" + TS", "") if "+ TS" in name else name]["accuracy"]["mean"]
-    assert (tmp_path / "report.md").read_text().startswith("# calibprompt demo")
-    assert len(list((tmp_path / "figures").glob("reliability_*.png"))) == 6
-    # a second run reuses every cached feature and the saved split manifests
-    again = run_demo(tmp_path, seeds=(1, 2), epochs=3, progress=False)
-    assert again.rows == report.rows
+    report = run_demo(tmp_path, seeds=(1, 2), epochs=3, progress=False, n_resamples=50)
+    assert [r.method for r in report.rows] == ["zeroshot", "ce", "calibprompt"]
+    for row in report.rows:
+        assert row.seeds == [1, 2] and len(row.directories) == 2  # one run directory per seed
+        for d in row.directories:  # ordinary run directories of the one run machinery
+            record = json.loads((d / "config.json").read_text())
+            assert record["schema_version"] == 2 and record["method"] == row.method
+            assert {"metrics.json", "predictions.npz", "classifier.safetensors"} <= {p.name for p in d.iterdir()}
+        # temperature scaling never changes accuracy
+        assert row.stats["temperature_scaled.accuracy"] == row.stats["uncalibrated.accuracy"]
+    zs = report.rows[0].stats["uncalibrated.accuracy"]
+    assert zs["std"] == 0.0 and 0.6 < zs["mean"] < 1.0  # zero-shot does not depend on the seed
+    ce_runs = report.rows[1].directories
+    accs = [json.loads((d / "metrics.json").read_text())["uncalibrated"]["accuracy"] for d in ce_runs]
+    assert report.rows[1].stats["uncalibrated.accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    for name in ("report.md", "report.csv", "report.tex"):
+        assert (tmp_path / name).is_file()
+    assert len(list(tmp_path.glob("reliability_*.png"))) == 3
+    before = {p: p.read_bytes() for p in tmp_path.glob("report*")}
+    # a second run reuses every finished run and writes the same report, byte for byte
+    again = run_demo(tmp_path, seeds=(1, 2), epochs=3, progress=False, n_resamples=50)
+    assert [r.stats for r in again.rows] == [r.stats for r in report.rows]
+    assert {p: p.read_bytes() for p in tmp_path.glob("report*")} == before
 
 
 def test_demo_command(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Run directories and the train / zeroshot commands, on the embedded demo model."""
+"""The run machinery end to end on the embedded demo model: run directories, identity, resume,
+the train / zeroshot / sweep / report / evaluate / calibrate / predict / metrics commands."""
 
 from __future__ import annotations
 
@@ -31,17 +32,24 @@ def test_run_directory_contents_and_skip(demo_root, tmp_path):
     cfg = config(demo_root, tmp_path / "cache")
     result = execute_run(cfg, tmp_path / "runs")
     d = result.directory
-    assert d.parent.parent.parent.name == "demo" and d.name.startswith("4shot_seed1-")
+    assert d.parent.parent.parent.name == "demo" and d.name.startswith("4shot-seed1-epochs3-")
     for name in ("config.json", "metrics.json", "predictions.npz", "prompt.safetensors", "log.json",
-                 "reliability.png", "splits/few_shot.json", "splits/validation.json"):
+                 "classifier.safetensors", "reliability.png", "splits/few_shot.json", "splits/validation.json"):
         assert (d / name).is_file(), name
-    assert not (d / "checkpoint.json").exists()
+    assert not (d / "checkpoint.json").exists() and not list(d.parent.glob(".*"))  # no leftovers
     record = json.loads((d / "config.json").read_text())
-    assert record["effective"]["train"]["epochs"] == 3 and "torch" in record["versions"]
-    assert record["objective"]["expression"] == "ce" and record["cache_tables"]
+    identity = record["identity"]
+    assert record["schema_version"] == 2 and record["run_id"].startswith(d.name[-10:])
+    assert identity["config"]["epochs"] == 3 and identity["config"]["warmup_lr"] == 1e-5  # defaults resolved
+    assert set(identity["data"]) == {"train", "test"} and identity["backbone"] and identity["metrics_version"] == 1
+    assert (identity["precision"], identity["device_kind"]) == ("fp32", "cpu") and "torch" in record["versions"]
+    assert "root" not in identity["config"] and "cache" not in identity["config"]  # where files live: not identity
+    assert record["objective"]["expression"] == "ce" and json.loads((d / "cache_tables.json").read_text())
     metrics = json.loads((d / "metrics.json").read_text())
     preds = np.load(d / "predictions.npz")
     assert preds["test_logits"].shape == (80, 4) and metrics["uncalibrated"]["n_samples"] == 80
+    assert preds["test_files"].tolist() == sorted(preds["test_files"].tolist()) and preds["val_logits"].shape == (12, 4)
+    assert metrics["calibrator"] == {"name": "temperature", "split": "validation", "n_images": 12}
     assert metrics["temperature_scaled"]["accuracy"] == metrics["uncalibrated"]["accuracy"]
     assert len(json.loads((d / "log.json").read_text())) == 3
     again = execute_run(cfg, tmp_path / "runs")
@@ -73,6 +81,8 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(demo_root, tmp_p
     monkeypatch.setattr(coop, "train_prompt", original)
     partial = next((tmp_path / "c").rglob("checkpoint.json"))
     assert json.loads(partial.read_text())["epoch"] == 1 and not (partial.parent / "metrics.json").exists()
+    assert partial.parent.name.startswith(".") and partial.parent.name.endswith(".partial")
+    assert not [p for p in partial.parent.parent.iterdir() if not p.name.startswith(".")]  # nothing half-written
     resumed = execute_run(cfg, tmp_path / "c")
     assert not resumed.skipped
     assert resumed.metrics["uncalibrated"] == a.metrics["uncalibrated"]
@@ -84,8 +94,11 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(demo_root, tmp_p
 def test_train_and_zeroshot_commands(demo_root, tmp_path, capsys):
     common = ["--backbone", "demo", "--dataset", "demo", "--root", str(demo_root), "--out", str(tmp_path / "runs"),
               "--cache", str(tmp_path / "cache"), "--workers", "0"]
-    assert main(["zeroshot", *common]) == 0
+    assert main(["zeroshot", *common, "--quiet"]) == 0
     assert "accuracy" in capsys.readouterr().out
+    zs = next((tmp_path / "runs" / "demo" / "demo" / "zeroshot").iterdir())
+    assert zs.name.startswith("seed1-") and "shot" not in zs.name  # no '8shot' on a zero-shot run
+    assert "shots" not in json.loads((zs / "config.json").read_text())["identity"]["config"]
     assert main(["train", *common, "--shots", "4", "--epochs", "2", "--views", "2",
                  "--objective", "ls(alpha=0.1) + smac(alpha=0.1) + 3*as"]) == 0
     assert "run directory" in capsys.readouterr().out
@@ -111,49 +124,6 @@ def test_bad_arguments_exit_2_and_leave_nothing(demo_root, tmp_path, capsys, arg
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
-
-
-def test_sweep_report_evaluate_calibrate(demo_root, tmp_path, capsys):
-    import yaml
-
-    from calibprompt.report import group_rows
-
-    sweep = {"backbones": ["demo"], "datasets": [{"name": "demo", "root": str(demo_root)}],
-             "methods": ["ce", "calibprompt"], "seeds": [1, 2], "shots": 4, "epochs": 2, "views": 2,
-             "val_per_class": 3, "cache": str(tmp_path / "cache"), "workers": 0, "progress": False,
-             "out": str(tmp_path / "runs")}
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    assert main(["sweep", str(tmp_path / "sweep.yaml")]) == 0
-    out = capsys.readouterr().out
-    assert "[4/4]" in out and "done" in out
-    assert main(["sweep", str(tmp_path / "sweep.yaml")]) == 0  # resumable: everything skipped
-    assert capsys.readouterr().out.count("skipped (finished)") == 4
-    report = (tmp_path / "runs" / "report.md").read_text()
-    assert "| demo | demo | calibprompt | 2 | + TS |" in report
-    rows = group_rows(tmp_path / "runs", n_resamples=50)
-    assert [r["method"] for r in rows] == ["calibprompt", "ce"] and rows[0]["seeds"] == [1, 2]
-    runs = sorted((tmp_path / "runs").rglob("metrics.json"))
-    accs = [json.loads(p.read_text())["uncalibrated"]["accuracy"] for p in runs if "/ce/" in str(p)]
-    assert rows[1]["stats"]["uncalibrated.accuracy"]["mean"] == pytest.approx(np.mean(accs))
-    lines = (tmp_path / "runs" / "report.csv").read_text().splitlines()
-    assert lines[0].startswith("backbone,dataset,method,seeds,variant,accuracy") and len(lines) == 5
-    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--bootstrap", "50"]) == 0
-    assert "written:" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
-        "reliability_demo_demo_calibprompt.png", "reliability_demo_demo_ce.png", "report.csv", "report.md"]
-    assert main(["report", str(tmp_path / "nothing")]) == 2
-
-    run = str(runs[0].parent)
-    assert main(["evaluate", run, "--n-bins", "20"]) == 0
-    assert json.loads((runs[0].parent / "metrics_20bins.json").read_text())["n_bins"] == 20
-    assert main(["calibrate", run, "--calibrator", "isotonic"]) == 0
-    cal = json.loads((runs[0].parent / "calibration_isotonic.json").read_text())
-    assert cal["calibrator"]["calibrator"] == "isotonic" and "validation split" in cal["fitted_on"]
-    assert main(["evaluate", str(tmp_path)]) == 2
-    assert "not a finished run directory" in capsys.readouterr().err
-    (tmp_path / "bad.yaml").write_text("backbones: [demo]\n")
-    assert main(["sweep", str(tmp_path / "bad.yaml")]) == 2
-    assert "missing ['datasets', 'methods', 'seeds']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset", ["ce", "ls", "focal", "mdca", "dca", "mmce", "mbls", "logitnorm",

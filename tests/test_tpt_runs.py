@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from calibprompt import tpt_runs
 from calibprompt.backbones.transforms import (
     AugMix,
     clip_transform,
@@ -19,8 +18,9 @@ from calibprompt.backbones.transforms import (
 from calibprompt.cli import main
 from calibprompt.data import FeatureStore, load_dataset
 from calibprompt.demo.tissue import write_demo_dataset
-from calibprompt.report import group_rows
-from calibprompt.tpt_runs import TPTRunConfig, execute_tpt_run
+from calibprompt.runs import TPTRunConfig, summarize
+from calibprompt.runs import execute_run as execute_tpt_run
+from calibprompt.runs import tpt as tpt_runs
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_run_equals_the_algorithm_and_resumes_exactly(tmp_path, demo_root, demo_
     assert preds["test_logits"].shape == (n, 4) and result.metrics["adapted_images"] == n
     assert result.metrics["n_bins"] == 20
     recorded = json.loads((result.directory / "config.json").read_text())
-    assert recorded["tpt"]["lam"] == 50.0 and recorded["effective"]["views"] == 16
+    assert recorded["tpt"]["lam"] == 50.0 and recorded["identity"]["config"]["views"] == 16
 
     # the run's logits are the algorithm's on the cached views
     views = FeatureStore(tmp_path / "cache").test_time_views(demo_backbone, load_dataset("demo", demo_root, "test").paths,
@@ -163,12 +163,14 @@ def test_run_equals_the_algorithm_and_resumes_exactly(tmp_path, demo_root, demo_
 
     monkeypatch.setattr(tpt_module, "tpt_adapt", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        execute_tpt_run(config, tmp_path / "runs", force=True)
-    assert not (result.directory / "metrics.json").exists()
-    assert len(list((result.directory / "parts").glob("part-*.npz"))) == 1
+        execute_tpt_run(config, tmp_path / "fresh")
+    partial = next((tmp_path / "fresh").rglob(".*.partial"))
+    assert not (partial.parent / partial.name[1:-len(".partial")]).exists()  # no half-finished run directory
+    assert len(list((partial / "parts").glob("test-*.npz"))) == 1 and not (partial / "metrics.json").exists()
     monkeypatch.setattr(tpt_module, "tpt_adapt", original)
-    resumed = execute_tpt_run(config, tmp_path / "runs")
-    assert resumed.metrics["adapted_images"] == n - 10
+    resumed = execute_tpt_run(config, tmp_path / "fresh")
+    assert resumed.metrics["adapted_images"] == n - 10 and not partial.exists()
+    assert resumed.directory.name == result.directory.name  # the same identity
     assert np.allclose(np.load(resumed.directory / "predictions.npz")["test_logits"], preds["test_logits"], atol=1e-6)
     assert resumed.metrics["uncalibrated"]["ece"] == pytest.approx(result.metrics["uncalibrated"]["ece"], abs=1e-9)
 
@@ -176,15 +178,15 @@ def test_run_equals_the_algorithm_and_resumes_exactly(tmp_path, demo_root, demo_
 def test_methods_share_views_and_differ_only_by_the_regulariser(tmp_path, demo_root):
     results = {m: execute_tpt_run(run_config(demo_root, tmp_path / "cache", method=m), tmp_path / "runs")
                for m in ("zeroshot", "tpt", "ctpt", "soc")}
-    tables = {m: json.loads((r.directory / "config.json").read_text())["cache_tables"] for m, r in results.items()}
+    tables = {m: json.loads((r.directory / "cache_tables.json").read_text()) for m, r in results.items()}
     assert len({tuple(t) for t in tables.values()}) == 1
     logits = {m: np.load(r.directory / "predictions.npz")["test_logits"] for m, r in results.items()}
     assert not np.allclose(logits["tpt"], logits["zeroshot"])
     assert not np.allclose(logits["ctpt"], logits["tpt"])
     assert len({r.directory for r in results.values()}) == 4
-    rows = {r["method"]: r for r in group_rows(tmp_path / "runs", n_resamples=20)}
-    assert set(rows) == {"test-time zeroshot", "test-time tpt", "test-time ctpt", "test-time soc"}
-    assert rows["test-time tpt"]["stats"]["uncalibrated.accuracy"]["mean"] == pytest.approx(
+    rows = {r.method: r for r in summarize(tmp_path / "runs", n_resamples=20)}
+    assert set(rows) == {"tpt-zeroshot", "tpt-tpt", "tpt-ctpt", "tpt-soc"}
+    assert rows["tpt-tpt"].stats["uncalibrated.accuracy"]["mean"] == pytest.approx(
         results["tpt"].metrics["uncalibrated"]["accuracy"])
 
 

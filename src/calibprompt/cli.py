@@ -61,13 +61,24 @@ resumes.""",
   calibprompt zeroshot --backbone quiltnet --dataset kather --root ~/data
   calibprompt zeroshot --backbone demo --dataset demo --root demo_output/data --out runs""",
     "evaluate": """examples:
-  calibprompt evaluate runs/kather/quiltnet/calibprompt/8shot_seed1-0123456789 --n-bins 20
-  calibprompt evaluate RUN_DIR --bootstrap 1000""",
+  calibprompt evaluate runs/kather/quiltnet/calibprompt/8shot-seed1-0123456789 --n-bins 20
+  calibprompt evaluate RUN_DIR --bootstrap 1000
+  calibprompt evaluate RUN_DIR --dataset imagefolder --root ~/site_b      # external validation
+
+External results go to RUN_DIR/external/<dataset>-<split>-<id>/ (predictions, metrics with and
+without the run's temperature, reliability diagram).""",
+    "predict": """examples:
+  calibprompt predict runs/kather/quiltnet/calibprompt/8shot-seed1-0123456789 new_patches/ --out preds
+  calibprompt predict RUN_DIR a.png b.png --out preds --device cuda
+
+Writes OUT/predictions.csv (path, predicted_class, p_uncalibrated[<class>]..., and
+p_temperature_scaled[<class>]... when the run has a fitted temperature) and OUT/predict.json.""",
     "calibrate": """examples:
   calibprompt calibrate RUN_DIR --calibrator temperature
   calibprompt calibrate RUN_DIR --calibrator isotonic
 
-Fits on the run's validation logits (never test) and writes calibration_<name>.json.""",
+Fits on the run's validation logits (never test) and writes calibration_<name>.json.
+Test-time (tpt) runs have validation logits only when run with --val-per-class N.""",
     "sweep": """examples:
   calibprompt sweep sweep.yaml
   calibprompt sweep sweep.yaml --out runs/paper
@@ -77,10 +88,17 @@ sweep.yaml:
   datasets: [{name: kather, root: ~/data}]
   methods: [ce, ls, focal, mdca, calibprompt]
   seeds: [1, 2, 3]
-  shots: 8""",
+  shots: 8                       # any run field, for every run
+  grid:                          # the product over any run fields
+    n_ctx: [4, 16]
+
+`kind: tpt` sweeps test-time methods instead. The report covers the sweep's runs.""",
     "report": """examples:
   calibprompt report runs/
-  calibprompt report runs/ --out reports/ --bootstrap 1000""",
+  calibprompt report runs/ --out reports/ --bootstrap 1000
+  calibprompt report runs/ --baseline ce --n-bins 10
+
+Runs are averaged only when they differ in their seed alone; rows name the settings that vary.""",
     "demo": """examples:
   calibprompt demo
   calibprompt demo --out demo_output --seeds 1 2 3
@@ -92,18 +110,29 @@ class CLIError(Exception):
     """A user error: printed without a traceback, exit status 2."""
 
 
-def _load_predictions(path: str, what: str) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(scores, labels, are_logits) from an .npz file with labels and logits or probs."""
+def _load_predictions(path: str, what: str, prefix: str = "") -> tuple[np.ndarray, np.ndarray, bool]:
+    """(scores, labels, are_logits) from an .npz file with labels and logits or probs -- or a run's
+    own ``predictions.npz`` (or its directory), whose arrays are ``test_logits`` / ``test_labels``
+    (``prefix="val_"`` reads its validation arrays)."""
     file = Path(path)
+    if file.is_dir() and (file / "predictions.npz").is_file():
+        file = file / "predictions.npz"
     if not file.is_file():
         raise CLIError(f"{what} {path}: file not found")
     try:
         with np.load(file, allow_pickle=False) as data:
             keys = set(data.files)
+            run_file = "test_logits" in keys
+            if run_file or prefix:
+                split = prefix or "test_"
+                if f"{split}logits" not in keys:
+                    raise CLIError(f"{what} {path}: this run's predictions have no {split[:-1]} split "
+                                   f"(arrays: {sorted(keys)})")
+                return data[f"{split}logits"], data[f"{split}labels"], True
             if "labels" not in keys or not ({"logits", "probs"} & keys):
                 raise CLIError(
-                    f"{what} {path}: expected arrays 'labels' and 'logits' or 'probs', "
-                    f"found {sorted(keys) or 'none'}"
+                    f"{what} {path}: expected arrays 'labels' and 'logits' or 'probs' (or a run's "
+                    f"'test_logits' and 'test_labels'), found {sorted(keys) or 'none'}"
                 )
             labels = data["labels"]
             if "logits" in keys:
@@ -125,9 +154,13 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     if args.calibrate:
         if not are_logits:
             raise CLIError(f"--calibrate needs logits, but {args.predictions} holds probs")
-        if not args.fit_on:
-            raise CLIError("--calibrate needs --fit-on FILE.npz (a labelled set other than the test set)")
-        fit_scores, fit_labels, fit_logits = _load_predictions(args.fit_on, "--fit-on")
+        fit_on = args.fit_on
+        if not fit_on:
+            if not _is_run_predictions(args.predictions):
+                raise CLIError("--calibrate needs --fit-on FILE.npz (a labelled set other than the test set)")
+            fit_scores, fit_labels, fit_logits = _load_predictions(args.predictions, "--calibrate", "val_")
+        else:
+            fit_scores, fit_labels, fit_logits = _load_predictions(fit_on, "--fit-on")
         if not fit_logits:
             raise CLIError(f"--fit-on {args.fit_on}: must hold logits")
         calibrator = CALIBRATORS[args.calibrate]().fit(fit_scores, fit_labels)
@@ -147,6 +180,16 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         plot_reliability(probs, labels, n_bins=args.n_bins, path=args.plot,
                          bootstrap=args.bootstrap, seed=args.seed)
     return 0
+
+
+def _is_run_predictions(path: str) -> bool:
+    file = Path(path)
+    file = file / "predictions.npz" if file.is_dir() else file
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            return "test_logits" in data.files
+    except (OSError, ValueError):
+        return False
 
 
 def _add_intervals(result: dict, probs, labels, n_resamples: int, n_bins: int, seed: int = 0) -> None:
@@ -260,30 +303,35 @@ def _cmd_splits(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace, method: str):
-    from calibprompt.runs import RunConfig
+    from calibprompt.runs import PromptRunConfig
 
-    return RunConfig(
-        backbone=args.backbone, dataset=args.dataset, root=args.root, method=method,
-        weights=args.weights, shots=getattr(args, "shots", 8), seed=args.seed,
-        n_ctx=getattr(args, "n_ctx", 16), init=getattr(args, "init", "random"),
-        position=getattr(args, "position", "end"), class_specific=getattr(args, "class_specific", False),
-        views=getattr(args, "views", 50), epochs=getattr(args, "epochs", 50),
-        lr=getattr(args, "lr", 0.002), n_bins=args.n_bins, precision=args.precision,
-        device=args.device, cache=args.cache, workers=args.workers,
-        alpha=getattr(args, "alpha", None), weight=getattr(args, "weight", None),
+    training = {k: getattr(args, k) for k in ("shots", "n_ctx", "init", "position", "class_specific", "views",
+                                              "epochs", "lr", "alpha", "weight") if hasattr(args, k)}
+    return PromptRunConfig(
+        backbone=args.backbone, dataset=args.dataset, root=args.root, method=method, weights=args.weights,
+        seed=args.seed, n_bins=args.n_bins, val_per_class=args.val_per_class, precision=args.precision,
+        device=args.device, cache=args.cache, workers=args.workers, progress=not args.quiet, **training,
     )
 
 
-def _print_run(result) -> None:
+def _summary_line(metrics: dict) -> str:
+    u = metrics["uncalibrated"]
+    line = (f"accuracy {100 * u['accuracy']:.2f}%  ECE({u['n_bins']} bins) {100 * u['ece']:.2f}%  "
+            f"MCE {100 * u['mce']:.2f}%  NLL {u['nll']:.4f}")
+    if "temperature_scaled" in metrics:
+        t = metrics["temperature_scaled"]
+        line += f"  |  after TS (T={metrics['temperature']:.3f}): ECE {100 * t['ece']:.2f}%  NLL {t['nll']:.4f}"
+    return line
+
+
+def _print_run(result, label: str = "") -> None:
     from rich.console import Console
 
     console = Console()
-    if result.skipped:
-        console.print(f"[yellow]already finished[/] (use --force to redo): {result.directory}")
-    u, t = result.metrics["uncalibrated"], result.metrics["temperature_scaled"]
-    console.print(f"accuracy {100 * u['accuracy']:.2f}%  ECE {100 * u['ece']:.2f}%  MCE {100 * u['mce']:.2f}%  "
-                  f"NLL {u['nll']:.4f}  |  after TS (T={result.metrics['temperature']:.3f}): "
-                  f"ECE {100 * t['ece']:.2f}%  NLL {t['nll']:.4f}")
+    state = "[yellow]already finished[/] (use --force to redo) " if result.skipped else ""
+    rate = result.metrics.get("images_per_second")
+    speed = f"  ({rate:.1f} img/s)" if rate and not result.skipped else ""
+    console.print(f"{state}{label}{_summary_line(result.metrics)}{speed}")
     console.print(f"run directory: {result.directory}")
 
 
@@ -303,41 +351,33 @@ def _cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_tpt(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from calibprompt.tpt_runs import TPTRunConfig, execute_tpt_run
+    from calibprompt.runs import TPTRunConfig, execute_run
 
     methods = list(dict.fromkeys(args.method))
     if len(methods) > 1 and (args.lam is not None or args.delta is not None):
         raise CLIError("--lam/--delta apply to one method; run the methods separately to set them")
-    console = Console()
-    for method in methods:
-        config = TPTRunConfig(
-            backbone=args.backbone, dataset=args.dataset, root=args.root, method=method,
-            weights=args.weights, seed=args.seed, protocol=args.protocol, lam=args.lam, delta=args.delta,
-            views=args.views, augmix=args.augmix, selection=args.selection, steps=args.steps, lr=args.lr,
-            ctx_init=args.ctx_init, autocast=args.autocast, n_bins=args.n_bins, init_prompt=args.init_prompt,
-            limit=args.limit, precision=args.precision, device=args.device, cache=args.cache,
-            workers=args.workers, batch_size=args.batch_size,
-        )
-        result = execute_tpt_run(config, args.out, force=args.force)
-        u = result.metrics["uncalibrated"]
-        state = "[yellow]already finished[/] " if result.skipped else ""
-        rate = result.metrics.get("images_per_second")
-        speed = f"  ({rate:.1f} img/s)" if rate and not result.skipped else ""
-        console.print(f"{state}[bold]{method}[/]: accuracy {100 * u['accuracy']:.2f}%  "
-                      f"ECE({result.metrics['n_bins']} bins) {100 * u['ece']:.2f}%  NLL {u['nll']:.4f}{speed}")
-        console.print(f"  run directory: {result.directory}")
+    configs = [TPTRunConfig(
+        backbone=args.backbone, dataset=args.dataset, root=args.root, method=method,
+        weights=args.weights, seed=args.seed, protocol=args.protocol, lam=args.lam, delta=args.delta,
+        views=args.views, augmix=args.augmix, selection=args.selection, steps=args.steps, lr=args.lr,
+        ctx_init=args.ctx_init, autocast=args.autocast, n_bins=args.n_bins, init_prompt=args.init_prompt,
+        limit=args.limit, val_per_class=args.val_per_class, precision=args.precision, device=args.device,
+        cache=args.cache, workers=args.workers, batch_size=args.batch_size, progress=not args.quiet,
+    ) for method in methods]
+    for config in configs:  # every method's options are checked before the first one runs
+        config.resolved()
+    for config in configs:
+        _print_run(execute_run(config, args.out, force=args.force), label=f"[bold]{config.method}[/]: ")
     return 0
 
 
-def _load_run_predictions(run: str) -> tuple[Path, dict]:
-    directory = Path(run)
-    path = directory / "predictions.npz"
-    if not path.is_file():
-        raise CLIError(f"{directory}: not a finished run directory (no predictions.npz)")
-    with np.load(path, allow_pickle=False) as data:
-        return directory, {k: data[k] for k in data.files}
+def _load_run(path: str):
+    from calibprompt.runs import load_run
+
+    try:
+        return load_run(path)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -346,13 +386,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from calibprompt.io import write_json
     from calibprompt.metrics import evaluate
 
-    directory, preds = _load_run_predictions(args.run)
+    run = _load_run(args.run)
+    if args.dataset or args.root:
+        if not (args.dataset and args.root):
+            raise CLIError("external evaluation needs both --dataset and --root")
+        result = run.evaluate(args.dataset, args.root, split=args.split, n_bins=args.n_bins, device=args.device,
+                              cache=args.cache, workers=args.workers, progress=not args.quiet, force=args.force)
+        _print_run(result, label=f"{run.method} on {args.dataset} ({args.split}): ")
+        return 0
+    preds = run.predictions()
+    n_bins = args.n_bins or 15
     probs = softmax(preds["test_logits"], axis=1)
-    result = evaluate(probs, preds["test_labels"], n_bins=args.n_bins)
+    result = evaluate(probs, preds["test_labels"], n_bins=n_bins)
     if args.bootstrap:
-        _add_intervals(result, probs, preds["test_labels"], args.bootstrap, args.n_bins)
+        _add_intervals(result, probs, preds["test_labels"], args.bootstrap, n_bins)
     _print_metrics(result)
-    write_json(directory / f"metrics_{args.n_bins}bins.json", result)
+    write_json(run.directory / f"metrics_{n_bins}bins.json", result)
     return 0
 
 
@@ -361,20 +410,46 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from calibprompt.io import write_json
     from calibprompt.metrics import evaluate
 
-    directory, preds = _load_run_predictions(args.run)
+    run = _load_run(args.run)
+    preds = run.predictions()
+    if "val_logits" not in preds:
+        how = ("rerun it with --val-per-class N to adapt a validation split of the train pool too"
+               if run.kind == "tpt" else "rerun it with this version of calibprompt")
+        raise CLIError(f"{run.directory}: the run has no validation predictions to fit a calibrator on; {how}")
     calibrator = CALIBRATORS[args.calibrator]().fit(preds["val_logits"], preds["val_labels"])
     result = evaluate(calibrator.transform(preds["test_logits"]), preds["test_labels"], n_bins=args.n_bins)
     result["calibrator"] = calibrator.to_dict()
     result["fitted_on"] = f"validation split ({len(preds['val_labels'])} images)"
     _print_metrics(result)
-    write_json(directory / f"calibration_{args.calibrator}.json", result)
+    write_json(run.directory / f"calibration_{args.calibrator}.json", result)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from calibprompt.runs import collect_images
+    from calibprompt.runs.apply import write_prediction_files
+
+    run = _load_run(args.run)
+    collect_images(args.images)  # bad paths fail before the backbone is loaded
+    result = run.predict(args.images, device=args.device, cache=args.cache, workers=args.workers,
+                         progress=not args.quiet)
+    written = write_prediction_files(result, run, args.out)
+    console = Console()
+    calibrated = ("with temperature-scaled probabilities (T fitted on the run's "
+                  f"{result.calibrator.get('split', 'validation')} split)" if result.calibrator else
+                  "uncalibrated probabilities only (the run has no fitted calibrator)")
+    console.print(f"{len(result.paths)} image(s) classified, {calibrated}: {written['csv']}")
+    for path, reason in result.excluded:
+        console.print(f"[yellow]excluded[/] {path}: {reason}")
     return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from calibprompt.sweep import run_sweep
+    from calibprompt.runs import run_sweep
 
     console = Console()
 
@@ -382,7 +457,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         state = "skipped (finished)" if result.skipped else "done"
         ece = 100 * result.metrics["uncalibrated"]["ece"]
         console.print(f"[{i + 1}/{total}] {config.backbone} {config.dataset} {config.method} seed "
-                      f"{config.seed}: {state}, ECE {ece:.2f}%")
+                      f"{config.seed}: {state}, ECE {ece:.2f}%  {result.directory.name}")
 
     results = run_sweep(args.file, out=args.out, force=args.force, on_run=progress)
     console.print(f"{len(results)} runs; report written next to them")
@@ -392,12 +467,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from calibprompt.report import write_report
+    from calibprompt.runs import write_report
 
-    written = write_report(args.runs, out=args.out, n_resamples=args.bootstrap, n_bins=args.n_bins)
+    written = write_report(args.runs, out=args.out, n_resamples=args.bootstrap, n_bins=args.n_bins,
+                           baseline=args.baseline)
     Console().print(written["markdown"].read_text())
-    Console().print(f"written: {written['markdown']}, {written['csv']} and "
-                    f"{len(written) - 2} reliability diagram(s)")
+    figures = [k for k in written if k.startswith("reliability_")]
+    Console().print(f"written: {written['markdown']}, {written['csv']}, {written['latex']} and "
+                    f"{len(figures)} reliability diagram(s)")
     return 0
 
 
@@ -424,24 +501,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"results.json and reliability diagrams written to {result.out_dir}/")
         return 0
 
-    from calibprompt.demo.pipeline import run_demo
+    from calibprompt.demo.pipeline import DEMO_METHODS, run_demo
 
     with console.status("demo: generating data, encoding once, tuning prompts over seeds ..."):
         report = run_demo(args.out, seeds=args.seeds, epochs=args.epochs, progress=False)
-    n_test = next(iter(report.per_seed.values()))[0]["n_samples"]
-    table = Table(title=f"embedded demo model — {n_test} test patches, mean ± std over seeds "
-                        f"{list(args.seeds)}, 8 shots/class")
+    table = Table(title=f"embedded demo model — {report.n_test} test patches, mean ± std over seeds "
+                        f"{list(args.seeds)}, 8 shots/class, 15-bin ECE")
     table.add_column("method", no_wrap=True)
     for col in ("acc %", "ECE %", "MCE %", "ACE %", "Brier", "NLL"):
         table.add_column(col, justify="right", no_wrap=True)
-    for name, row in report.rows.items():  # mean ± std of accuracy and ECE; means elsewhere (all in report.md)
-        cells = [f"{100 * row[k]['mean']:.1f}±{100 * row[k]['std']:.1f}" for k in ("accuracy", "ece")]
-        cells += [f"{100 * row[k]['mean']:.1f}" for k in ("mce", "ace")]
-        cells += [f"{row[k]['mean']:.3f}" for k in ("brier", "nll")]
-        table.add_row(name, *cells)
+    for row in report.rows:  # mean ± std of accuracy and ECE; means elsewhere (all in report.md)
+        for variant, suffix in (("uncalibrated", ""), ("temperature_scaled", " + TS")):
+            stats = {k.split(".", 1)[1]: v for k, v in row.stats.items() if k.startswith(variant + ".")}
+            if not stats:
+                continue
+            cells = [f"{100 * stats[k]['mean']:.1f}±{100 * stats[k]['std']:.1f}" for k in ("accuracy", "ece")]
+            cells += [f"{100 * stats[k]['mean']:.1f}" for k in ("mce", "ace")]
+            cells += [f"{stats[k]['mean']:.3f}" for k in ("brier", "nll")]
+            table.add_row(DEMO_METHODS.get(row.method, row.method) + suffix, *cells)
     console.print(table)
-    console.print(f"report.md, results.json and reliability diagrams in {report.out_dir}/ "
-                  f"({report.seconds:.0f} s)")
+    console.print(f"runs in {report.out_dir / 'runs'}; report.md, report.csv, report.tex and reliability "
+                  f"diagrams in {report.out_dir}/ ({report.seconds:.0f} s)")
     return 0
 
 
@@ -513,7 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=int, default=None)
         p.add_argument("--device", default="cpu")
         p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+        p.add_argument("--val-per-class", type=int, default=None, metavar="N",
+                       help="validation images per class for temperature scaling (default: max(4, 64/classes); "
+                            "tpt: none unless given)")
         p.add_argument("--force", action="store_true", help="redo a finished run")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = add("train", "few-shot prompt tuning with a preset or any objective; writes a run directory")
     run_options(p)
@@ -559,11 +643,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N test images")
     p.set_defaults(func=_cmd_tpt)
 
-    p = add("evaluate", "recompute a run's test metrics from its predictions (e.g. other bins)")
-    p.add_argument("run", help="a run directory")
-    p.add_argument("--n-bins", type=int, default=15)
-    p.add_argument("--bootstrap", type=int, default=0, metavar="N")
+    p = add("evaluate", "recompute a run's test metrics (e.g. other bins), or evaluate it on another dataset")
+    p.add_argument("run", help="a run directory (any method)")
+    p.add_argument("--n-bins", type=int, default=None, help="bins of ECE/MCE/ACE (default 15; external: the run's)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--dataset", help="external validation: the dataset to apply the run to (same classes)")
+    p.add_argument("--root", help="external validation: that dataset's root")
+    p.add_argument("--split", default="test", help="external validation: the split to use (default test)")
+    p.add_argument("--device", default=None, help="device for external validation (default: the run's)")
+    p.add_argument("--cache", help="feature cache directory (default: the run's)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="redo a finished external evaluation")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = add("predict", "apply a finished run to new images; writes OUT/predictions.csv")
+    p.add_argument("run", help="a run directory (any method)")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="directory for predictions.csv and predict.json")
+    p.add_argument("--device", default=None, help="device (default: the run's)")
+    p.add_argument("--cache", help="feature cache directory (default: the run's)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_predict)
 
     p = add("calibrate", "fit a post-hoc calibrator on a run's validation logits, evaluate on test")
     p.add_argument("run", help="a run directory")
@@ -581,8 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", "tables over run directories: mean ± std across seeds, bootstrap CIs, diagrams")
     p.add_argument("runs", help="directory containing run directories")
     p.add_argument("--out", help="where to write report.md / report.csv (default: RUNS)")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N")
-    p.add_argument("--n-bins", type=int, default=15)
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    p.add_argument("--n-bins", type=int, default=15, help="bins of every number in the report (default 15)")
+    p.add_argument("--baseline", metavar="METHOD",
+                   help="add each row's difference to this method (paired bootstrap over the same test set and seeds)")
     p.set_defaults(func=_cmd_report)
 
     p = add("demo", "run the offline demo on the embedded model and write its report")

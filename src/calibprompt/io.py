@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_json", "write_text"]
+__all__ = ["atomic_path", "slug", "write_json", "write_text"]
 
 
 @contextlib.contextmanager
@@ -51,3 +51,10 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """Atomically write ``data`` as indented JSON (NaN/inf are rejected, not written)."""
     return write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def slug(*parts: Any, limit: int = 80) -> str:
+    """``parts`` joined by ``_`` with every character outside ``[A-Za-z0-9._-]`` replaced by ``_``
+    (a safe file or directory name), cut to ``limit`` characters."""
+    text = "_".join(str(p) for p in parts if p not in (None, ""))
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:limit]

@@ -27,6 +27,7 @@ import numpy as np
 __all__ = [
     "BINNING_CONVENTION",
     "METRICS",
+    "METRICS_VERSION",
     "BootstrapResult",
     "ReliabilityBins",
     "accuracy",
@@ -55,6 +56,11 @@ __all__ = [
 ]
 
 ArrayLike = np.ndarray | Sequence | Any  # torch.Tensor accepted without importing torch
+
+#: Version of the metrics' semantics: bumped whenever a metric's definition changes, so that a
+#: stored result is never compared with one computed under another definition (part of a run's
+#: identity, see :mod:`calibprompt.runs.identity`).
+METRICS_VERSION = 1
 
 #: How equal-width bins are formed; stored beside every reported number.
 BINNING_CONVENTION = (

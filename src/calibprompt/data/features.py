@@ -36,7 +36,7 @@ import torch
 
 from calibprompt.data.datasets import DataError
 from calibprompt.data.images import file_hash, open_image
-from calibprompt.io import atomic_path, write_json
+from calibprompt.io import atomic_path, slug, write_json
 
 __all__ = ["FeatureResult", "FeatureStore", "default_cache_dir", "view_seed"]
 
@@ -253,8 +253,7 @@ class FeatureStore:
         }
 
     def _table(self, key: dict[str, Any]) -> _Table:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key["backbone"])
-        return _Table(self.root / f"{safe}-{key['fingerprint'][:12]}" / _key_id(key), key)
+        return _Table(self.root / f"{slug(key['backbone'])}-{key['fingerprint'][:12]}" / _key_id(key), key)
 
     # -- extraction ----------------------------------------------------------------------------
     def features(

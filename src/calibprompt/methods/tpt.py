@@ -19,7 +19,7 @@ then one vector-Jacobian product through that single graph, B of them batched wi
 
 This module holds the algorithm on pre-computed view features
 (:meth:`calibprompt.data.FeatureStore.test_time_views`); runs over a test set, presets and the
-CLI are in :mod:`calibprompt.tpt_runs`.
+CLI are in :mod:`calibprompt.runs.tpt`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,101 @@
+"""What every kind of run shares: the plan a method hands to the run machinery, its outputs,
+the backbone kept across the runs of a sweep, dataset fingerprints and package versions."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibprompt.data import Dataset, FeatureStore
+from calibprompt.runs.directory import RunDirectory
+from calibprompt.runs.identity import RunIdentity, data_fingerprint
+
+__all__ = ["Outputs", "Plan", "cached_backbone", "dataset_fingerprint", "device_kind",
+           "package_versions"]
+
+
+@dataclass
+class Outputs:
+    """What a method computed: logits of the test split (and of the validation split, when the
+    run has one), each with labels and the files' paths relative to their dataset root."""
+
+    test_logits: np.ndarray
+    test_labels: np.ndarray
+    test_files: list[str]
+    val_logits: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
+    val_files: list[str] | None = None
+    excluded: list[tuple[str, str]] = field(default_factory=list)
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into metrics.json
+
+
+@dataclass
+class Plan:
+    """A validated run, ready to execute: every input was checked and nothing written yet.
+
+    ``work(directory, resumed)`` does the method's computation inside the run directory under
+    construction (checkpointing there) and returns its :class:`Outputs`."""
+
+    identity: RunIdentity
+    path: Path  # relative: <dataset>/<backbone>/<method>/<name>
+    config: dict[str, Any]  # the config as given, every field (stored, not hashed)
+    classnames: list[str]
+    n_bins: int
+    title: str
+    work: Callable[[RunDirectory, bool], Outputs]
+    record: dict[str, Any] = field(default_factory=dict)  # extra entries of config.json
+    method: str = ""  # display name in reports (default: the config's method)
+
+
+_BACKBONES: dict[tuple, Any] = {}
+
+
+def cached_backbone(name: str, weights: str | None, device: str, precision: str) -> Any:
+    """The frozen backbone of a run, kept for the next run of a sweep (loading and
+    fingerprinting a ViT-B model costs seconds; the last two backbones stay in memory)."""
+    from calibprompt.backbones import load_backbone
+
+    key = (name, weights, device, precision)
+    if key not in _BACKBONES:
+        while len(_BACKBONES) >= 2:
+            _BACKBONES.pop(next(iter(_BACKBONES)))
+        _BACKBONES[key] = load_backbone(name, weights=weights, device=device, precision=precision)
+    return _BACKBONES[key]
+
+
+def dataset_fingerprint(dataset: Dataset, store: FeatureStore) -> str:
+    """Content fingerprint of a whole dataset split (every file's bytes, via the store's hash
+    memo, which re-reads a file only when its size or modification time changed)."""
+    hashes = store.hashes(dataset.paths)
+    return data_fingerprint(dataset.name, dataset.split, dataset.classnames, dataset.files,
+                            dataset.labels.tolist(), hashes, dataset.excluded)
+
+
+def device_kind(device: str) -> str:
+    """``cpu`` / ``cuda`` / ``mps`` of a device string (the index does not change results)."""
+    try:
+        return torch.device(device).type
+    except RuntimeError as exc:
+        raise ValueError(f"device: {device!r} is not a torch device (expected cpu, cuda, cuda:1, ...)") from exc
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of calibprompt and the libraries that decide its numbers."""
+    import calibprompt
+
+    out = {"calibprompt": calibprompt.__version__, "torch": torch.__version__, "numpy": np.__version__,
+           "python": platform.python_version()}
+    for name in ("open_clip", "transformers"):
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            pass
+    return out

@@ -1,0 +1,107 @@
+"""The one run machinery: plan (validate, identify) -> skip or (re)build the directory -> work ->
+predictions, metrics, diagram -> atomic rename. Every method goes through :func:`execute_run`."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.special import softmax
+
+from calibprompt.metrics import BINNING_CONVENTION, evaluate
+from calibprompt.runs.common import Outputs, Plan, package_versions
+from calibprompt.runs.directory import RunDirectory, read_record, write_npz
+from calibprompt.runs.identity import SCHEMA_VERSION
+
+__all__ = ["RunResult", "execute_run", "plan_record", "score"]
+
+
+@dataclass
+class RunResult:
+    directory: Path
+    metrics: dict[str, Any]
+    skipped: bool = False
+    logs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def score(test_logits: np.ndarray, test_labels: np.ndarray, n_bins: int, *,
+          val_logits: np.ndarray | None = None, val_labels: np.ndarray | None = None,
+          temperature: float | None = None, fitted_on: str = "validation") -> dict[str, Any]:
+    """Test metrics of ``softmax(test_logits)`` at ``n_bins``; with validation logits, temperature
+    scaling is fitted there (never on test) and the scaled metrics are added; a given
+    ``temperature`` (fitted earlier, e.g. for an external test set) is applied as is."""
+    from calibprompt.calibrators import TemperatureScaling
+
+    test_logits = np.asarray(test_logits, dtype=np.float64)
+    out: dict[str, Any] = {"n_bins": int(n_bins),
+                           "uncalibrated": evaluate(softmax(test_logits, axis=1), test_labels, n_bins=n_bins)}
+    caught: list[warnings.WarningMessage] = []
+    if temperature is None and val_logits is not None and len(val_labels):
+        with warnings.catch_warnings(record=True) as caught:  # kept in metrics.json, not lost on stderr
+            warnings.simplefilter("always", RuntimeWarning)
+            temperature = TemperatureScaling().fit(np.asarray(val_logits, np.float64), val_labels).temperature
+        out["calibrator"] = {"name": "temperature", "split": fitted_on, "n_images": len(val_labels)}
+    if temperature is not None:
+        out["temperature_scaled"] = evaluate(softmax(test_logits / temperature, axis=1), test_labels,
+                                             n_bins=n_bins)
+        out["temperature"] = float(temperature)
+        out["temperature_warnings"] = [str(w.message) for w in caught]
+    return out
+
+
+def plan_record(plan: Plan) -> dict[str, Any]:
+    """The ``config.json`` of a planned run."""
+    identity = plan.identity
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": identity.kind,
+        "method": plan.method or identity.config["method"],
+        "backbone": identity.config["backbone"], "dataset": identity.config["dataset"],
+        "seed": identity.config["seed"], "classnames": plan.classnames,
+        "run_id": identity.run_id, "experiment_id": identity.experiment_id,
+        "identity": identity.to_dict(), "config": plan.config, "versions": package_versions(),
+        "metric_convention": BINNING_CONVENTION, **plan.record,
+    }
+
+
+def _finalize(directory: RunDirectory, outputs: Outputs, plan: Plan) -> dict[str, Any]:
+    from calibprompt.plots import plot_reliability
+
+    arrays: dict[str, Any] = {"test_logits": np.asarray(outputs.test_logits, np.float64),
+                              "test_labels": np.asarray(outputs.test_labels, np.int64),
+                              "test_files": np.asarray(outputs.test_files, dtype=str)}
+    if outputs.val_logits is not None:
+        arrays.update(val_logits=np.asarray(outputs.val_logits, np.float64),
+                      val_labels=np.asarray(outputs.val_labels, np.int64),
+                      val_files=np.asarray(outputs.val_files, dtype=str))
+    write_npz(directory.path("predictions.npz"), **arrays)
+    metrics = score(arrays["test_logits"], arrays["test_labels"], plan.n_bins,
+                    val_logits=arrays.get("val_logits"), val_labels=arrays.get("val_labels"))
+    metrics["excluded_test_images"] = [list(e) for e in outputs.excluded]
+    metrics.update(outputs.extra)
+    plot_reliability(softmax(arrays["test_logits"], axis=1), arrays["test_labels"], n_bins=plan.n_bins,
+                     path=directory.path("reliability.png"), title=plan.title)
+    return metrics
+
+
+def execute_run(config: Any, out: str | Path, force: bool = False) -> RunResult:
+    """Validate and identify ``config`` (any run config: :class:`~calibprompt.runs.PromptRunConfig`,
+    :class:`~calibprompt.runs.TPTRunConfig`), then run it under ``out``. A finished run with the
+    same identity is skipped unless ``force``; an interrupted one resumes from its checkpoint."""
+    import json
+
+    plan: Plan = config.plan()
+    directory = RunDirectory(Path(out) / plan.path)
+    if directory.finished and not force:
+        if read_record(directory.final).get("run_id") != plan.identity.run_id:
+            raise ValueError(f"{directory.final}: holds another run whose id starts with the same digits; "
+                             "move it away")
+        metrics = json.loads((directory.final / "metrics.json").read_text())
+        return RunResult(directory.final, metrics, skipped=True)
+    resumed = directory.begin(plan_record(plan), force=force)
+    outputs = plan.work(directory, resumed)
+    metrics = _finalize(directory, outputs, plan)
+    final = directory.finish(metrics)
+    return RunResult(final, metrics, skipped=False, logs=outputs.logs)

@@ -1,0 +1,278 @@
+"""Zero-shot and few-shot prompt-tuning runs (the ``prompt`` kind).
+
+Zero-shot classifies with the dataset's template ensemble; every other method tunes a CoOp
+context on a seeded few-shot split with an objective (a preset or an expression), on a cached
+bank of augmented views (SPEC: the paper's protocol -- SGD 0.002, 50 epochs, warm-up, cosine).
+Both draw a seeded validation split from the rest of the train pool for temperature scaling.
+
+Files of a prompt run besides the common ones (:mod:`calibprompt.runs.directory`):
+``splits/few_shot.json`` and ``splits/validation.json`` (manifests), ``classifier.safetensors``
+(the class text features and logit scale -- what :meth:`Run.predict` applies to new images),
+``prompt.safetensors`` (the learned context) and ``log.json`` (per-epoch loss terms) when trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from calibprompt.data import DataError, FeatureStore, few_shot, load_dataset, validation_split
+from calibprompt.io import atomic_path, slug, write_json
+from calibprompt.methods.coop import TrainConfig
+from calibprompt.metrics import METRICS_VERSION
+from calibprompt.runs.common import (
+    Outputs,
+    Plan,
+    cached_backbone,
+    dataset_fingerprint,
+    device_kind,
+)
+from calibprompt.runs.directory import RunDirectory
+from calibprompt.runs.identity import RunIdentity, run_name
+
+__all__ = ["PROTOCOL_VERSION", "PromptRunConfig", "RunConfig"]
+
+#: Bumped when the prompt-tuning or zero-shot procedure changes its results.
+PROTOCOL_VERSION = 1
+
+#: Fields that only apply to prompt tuning (not part of a zero-shot run's identity or name).
+TRAINING_FIELDS = ("shots", "n_ctx", "init", "position", "class_specific", "views", "epochs",
+                   "batch_size", "lr", "warmup_lr", "alpha", "weight")
+
+
+@dataclass(frozen=True)
+class PromptRunConfig:
+    """A zero-shot (``method="zeroshot"``) or prompt-tuning run; the same schema as the ``train``
+    / ``zeroshot`` flags and the ``config`` of ``config.json``.
+
+    ``method`` is an objective preset (``ce``, ``calibprompt``, ...) or an objective expression;
+    ``warmup_lr=None`` means the protocol's warm-up lr (1e-3 for MedCLIP, else 1e-5);
+    ``val_per_class=None`` means ``max(4, ceil(64 / classes))`` validation images per class.
+    ``root``, ``weights``, ``cache``, ``device``'s index, ``workers`` and ``progress`` do not
+    enter the run's identity (the data and weights enter by content)."""
+
+    kind: ClassVar[str] = "prompt"
+
+    backbone: str
+    dataset: str
+    root: str
+    method: str = "calibprompt"
+    weights: str | None = None
+    shots: int = 8
+    seed: int = 1
+    n_ctx: int = 16
+    init: str = "random"
+    position: str = "end"
+    class_specific: bool = False
+    views: int = 50
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 0.002
+    warmup_lr: float | None = None
+    n_bins: int = 15
+    val_per_class: int | None = None
+    precision: str = "fp32"
+    device: str = "cpu"
+    cache: str | None = None
+    workers: int | None = None
+    progress: bool = True
+    alpha: float | None = None
+    weight: float | None = None
+
+    @property
+    def zero_shot(self) -> bool:
+        return self.method == "zeroshot"
+
+    def train_config(self) -> TrainConfig:
+        warmup = self.warmup_lr if self.warmup_lr is not None else (1e-3 if self.backbone == "medclip" else 1e-5)
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, warmup_lr=warmup,
+                           seed=self.seed)
+
+    def objective(self):
+        """The resolved objective (``None`` for zero-shot); errors name the bad option."""
+        from calibprompt.objective import PRESETS, Objective
+
+        overrides = {k: v for k, v in (("alpha", self.alpha), ("weight", self.weight)) if v is not None}
+        if self.zero_shot:
+            if overrides:
+                raise ValueError("--alpha/--weight: zero-shot has no objective")
+            return None
+        if self.method in PRESETS:
+            return Objective.preset(self.method, backbone=self.backbone, dataset=self.dataset, **overrides)
+        if overrides:
+            raise ValueError("--alpha/--weight apply to presets only; write them into the objective")
+        return Objective.parse(self.method)
+
+    def validate(self) -> None:
+        """Reject values no run can have (before anything is loaded or written)."""
+        positive = ("shots", "n_ctx", "views", "epochs", "batch_size", "n_bins")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
+        if self.warmup_lr is not None and not self.warmup_lr > 0:
+            raise ValueError(f"warmup_lr: expected a positive learning rate, got {self.warmup_lr!r}")
+        if self.val_per_class is not None and self.val_per_class < 1:
+            raise ValueError(f"val_per_class: expected a positive integer, got {self.val_per_class!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer, got {self.seed!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision: expected fp32, bf16 or fp16, got {self.precision!r}")
+
+    def effective(self, objective: Any = None, val_per_class: int | None = None) -> dict[str, Any]:
+        """The fields that determine the result, defaults resolved; zero-shot runs leave out the
+        training fields (they do not apply)."""
+        data = {"method": self.method, "backbone": self.backbone, "dataset": self.dataset, "seed": self.seed,
+                "n_bins": self.n_bins, "val_per_class": val_per_class or self.val_per_class}
+        if not self.zero_shot:
+            train = self.train_config()
+            data.update({k: getattr(self, k) for k in TRAINING_FIELDS if k not in ("alpha", "weight")})
+            data.update(warmup_lr=train.warmup_lr, momentum=train.momentum, weight_decay=train.weight_decay,
+                        warmup_epochs=train.warmup_epochs)
+            data["objective"] = str(objective if objective is not None else self.objective())
+        return data
+
+    # -- the run -----------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        """Validate everything, load the data and backbone, identify the run (no writes)."""
+        self.validate()
+        objective = self.objective()
+        train = load_dataset(self.dataset, self.root, "train")
+        test = load_dataset(self.dataset, self.root, "test")
+        counts = train.class_counts()
+        if not self.zero_shot and self.shots > counts.min():
+            small = [train.classnames[i] for i in np.flatnonzero(counts < self.shots)]
+            raise DataError(f"--shots {self.shots}: class(es) {small} of {self.dataset}/train have fewer "
+                            f"images ({counts.min()} at least); use fewer shots")
+        if list(train.classnames) != list(test.classnames):
+            raise DataError(f"{self.root}: train classes {list(train.classnames)} differ from test classes "
+                            f"{list(test.classnames)}")
+        kind = device_kind(self.device)
+        backbone = cached_backbone(self.backbone, self.weights, self.device, self.precision)
+        store = FeatureStore(self.cache)
+        val_per_class = self.val_per_class or max(4, int(np.ceil(64 / train.num_classes)))
+        effective = self.effective(objective, val_per_class)
+        identity = RunIdentity(
+            kind=self.kind, config=effective,
+            data={"train": dataset_fingerprint(train, store), "test": dataset_fingerprint(test, store)},
+            backbone=backbone.fingerprint, protocol_version=PROTOCOL_VERSION,
+            metrics_version=METRICS_VERSION, precision=self.precision, device_kind=kind)
+        defaults = PromptRunConfig(self.backbone, self.dataset, self.root, method=self.method).effective(
+            objective, max(4, int(np.ceil(64 / train.num_classes))))
+        head = [f"seed{self.seed}"] if self.zero_shot else [f"{self.shots}shot", f"seed{self.seed}"]
+        name = run_name(head, effective, defaults, identity.run_id,
+                        skip=("method", "backbone", "dataset", "seed", "shots", "objective"))
+        method_dir = slug(self.method, limit=40)
+        path = Path(slug(self.dataset)) / slug(self.backbone) / method_dir / name
+        record = {"objective": None if objective is None else objective.to_dict()}
+
+        def work(directory: RunDirectory, resumed: bool) -> Outputs:
+            return _work(self, directory, backbone, store, train, test, objective, val_per_class)
+
+        return Plan(identity, path, asdict(self), list(train.classnames), self.n_bins,
+                    f"{self.backbone} / {self.dataset} / {self.method}, seed {self.seed}", work, record)
+
+    def predict_logits(self, directory: Path, backbone: Any, paths: list[Path], store: FeatureStore,
+                       *, workers: int | None = None, progress: bool = True):
+        """Logits of new images under the run's classifier (``classifier.safetensors``):
+        ``s · f(x) · Tᵀ`` with the run's class features T. Returns (logits, index, excluded)."""
+        from safetensors.torch import load_file
+
+        from calibprompt.methods.zeroshot import zeroshot_logits
+
+        tensors = load_file(str(Path(directory) / "classifier.safetensors"))
+        feats = store.features(backbone, paths, num_workers=workers, progress=progress)
+        logits = zeroshot_logits(feats.features, tensors["text_features"], float(tensors["logit_scale"]))
+        return logits.double().cpu().numpy(), feats.index, feats.excluded
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PromptRunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"run config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        return cls(**data)
+
+
+#: The name this config had before other kinds of runs existed (kept for users' scripts).
+RunConfig = PromptRunConfig
+
+
+def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store: FeatureStore,
+          train: Any, test: Any, objective: Any, val_per_class: int) -> Outputs:
+    from safetensors.torch import save_file
+
+    from calibprompt.methods.coop import train_prompt
+    from calibprompt.methods.zeroshot import zeroshot_logits, zeroshot_text_features
+    from calibprompt.prompts import PromptLearner
+
+    kw = {"num_workers": config.workers, "progress": config.progress}
+    shots = None
+    if not config.zero_shot:
+        shots = few_shot(train, config.shots, config.seed, manifest_path=directory.path("splits/few_shot.json"))
+    val = validation_split(train, exclude=shots, per_class=val_per_class, seed=config.seed,
+                           manifest_path=directory.path("splits/validation.json"))
+    test_feats = store.features(backbone, test.paths, **kw)
+    val_set = val.subset_of(train)
+    val_feats = store.features(backbone, val_set.paths, **kw)
+    zs_text = zeroshot_text_features(backbone, train.classnames, train.templates)
+
+    logs: list[dict[str, Any]] = []
+    tables = {*test_feats.tables, *val_feats.tables}
+    if config.zero_shot:
+        text = zs_text
+    else:
+        shot_set = shots.subset_of(train)
+        bank = store.view_bank(backbone, shot_set.paths, views=config.views, aug_seed=config.seed, **kw)
+        tables |= set(bank.tables)
+        learner = PromptLearner(backbone, train.classnames, n_ctx=config.n_ctx, init=config.init,
+                                position=config.position, class_specific=config.class_specific,
+                                seed=config.seed)
+        start_epoch, optimizer_state = 0, None
+        checkpoint = directory.load_checkpoint()
+        if checkpoint is not None:
+            tensors, info = checkpoint
+            with torch.no_grad():
+                learner.ctx.copy_(tensors["ctx"])
+            if "momentum" in tensors:
+                optimizer_state = {"state": {0: {"momentum_buffer": tensors["momentum"]}},
+                                   "param_groups": info["param_groups"]}
+            start_epoch, logs = info["epoch"] + 1, info["logs"]
+
+        def on_epoch(log, learner_, optimizer) -> None:
+            logs.append(asdict(log))
+            state = optimizer.state_dict()
+            tensors = {"ctx": learner_.ctx}
+            momentum = state["state"].get(0, {}).get("momentum_buffer")
+            if momentum is not None:
+                tensors["momentum"] = momentum
+            directory.save_checkpoint(tensors, {"epoch": log.epoch, "logs": logs,
+                                                "param_groups": state["param_groups"]})
+
+        train_prompt(learner, bank.features, torch.as_tensor(shot_set.labels[bank.index]), objective,
+                     config.train_config(), zs_text, on_epoch=on_epoch, start_epoch=start_epoch,
+                     optimizer_state=optimizer_state)
+        with torch.no_grad():
+            text = learner()
+        with atomic_path(directory.path("prompt.safetensors")) as tmp:
+            save_file({"ctx": learner.ctx.detach().cpu().contiguous()}, str(tmp))
+        write_json(directory.path("log.json"), logs)
+    text = text.detach().float().cpu().contiguous()
+    with atomic_path(directory.path("classifier.safetensors")) as tmp:
+        save_file({"text_features": text, "logit_scale": torch.tensor(float(backbone.logit_scale))}, str(tmp))
+    write_json(directory.path("cache_tables.json"), sorted(tables))
+
+    test_logits = zeroshot_logits(test_feats.features, text, backbone.logit_scale).double().cpu().numpy()
+    val_logits = zeroshot_logits(val_feats.features, text, backbone.logit_scale).double().cpu().numpy()
+    return Outputs(
+        test_logits=test_logits, test_labels=test.labels[test_feats.index],
+        test_files=[test.files[i] for i in test_feats.index],
+        val_logits=val_logits, val_labels=val_set.labels[val_feats.index],
+        val_files=[val_set.files[i] for i in val_feats.index],
+        excluded=list(test_feats.excluded), logs=logs)

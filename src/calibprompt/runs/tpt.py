@@ -1,0 +1,339 @@
+"""Test-time prompt tuning runs (the ``tpt`` kind): TPT, C-TPT, O-TPT, SoC and zero-shot with the
+same initial prompt, over a test split -- resumable, on cached views.
+
+The views come from :meth:`calibprompt.data.FeatureStore.test_time_views`, keyed by (image, view,
+``seed``): every method and every regulariser weight run with the same seed is evaluated on
+identical views, and a second method re-encodes nothing.
+
+Files of a TPT run besides the common ones (:mod:`calibprompt.runs.directory`):
+``prompt.safetensors`` (the initial context every image starts from -- what :meth:`Run.predict`
+adapts to new images) and, while running, ``parts/<split>-*.npz`` (logits of the images adapted
+so far, written atomically per group; an interrupted run resumes after the last complete part).
+With ``val_per_class`` the run also adapts a seeded validation split of the train pool, so that
+temperature scaling can be fitted (``calibprompt calibrate`` needs it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from calibprompt import losses
+from calibprompt.data import DataError, FeatureStore, load_dataset, validation_split
+from calibprompt.io import atomic_path, slug, write_json
+from calibprompt.methods.tpt import TPTConfig
+from calibprompt.metrics import METRICS_VERSION
+from calibprompt.runs.common import (
+    Outputs,
+    Plan,
+    cached_backbone,
+    dataset_fingerprint,
+    device_kind,
+)
+from calibprompt.runs.directory import RunDirectory, write_npz
+from calibprompt.runs.identity import RunIdentity, run_name
+
+__all__ = ["METHOD_DEFAULTS", "PROTOCOLS", "PROTOCOL_VERSION", "TPTRunConfig"]
+
+#: Bumped when the test-time procedure changes its results.
+PROTOCOL_VERSION = 1
+
+#: Regulariser weights of the published methods; SoC's delta/lambda come from the sweep recorded
+#: in docs/tpt.md (its paper does not publish them).
+METHOD_DEFAULTS: dict[str, dict[str, float]] = {
+    "zeroshot": {},
+    "tpt": {"lam": 0.0},
+    "ctpt": {"lam": 50.0},
+    "otpt": {"lam": 18.0},
+    "otpt_fro": {"lam": 18.0},
+    "soc": {"lam": 1.0, "delta": losses.SOC_DELTA},
+}
+
+#: Protocols: ``published`` is the TPT papers' protocol on fine-grained datasets (AugMix views);
+#: ``published-noaugmix`` as they run the ImageNet variants (crop + flip only).
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "published": {"views": 64, "augmix": True, "selection": 0.1, "steps": 1, "lr": 5e-3,
+                  "weight_decay": 0.01, "ctx_init": "a photo of a", "autocast": True, "n_bins": 20},
+}
+PROTOCOLS["published-noaugmix"] = {**PROTOCOLS["published"], "augmix": False}
+
+#: Images per part file (the unit of resumption).
+PART_IMAGES = 64
+
+#: Fields that do not change a run's result (``protocol`` only supplies defaults, which are
+#: resolved into the other fields).
+NON_EFFECTIVE = ("root", "weights", "device", "cache", "workers", "batch_size", "progress", "protocol",
+                 "precision", "init_prompt")
+
+
+@dataclass(frozen=True)
+class TPTRunConfig:
+    """One test-time tuning run; ``None`` fields take the method's / protocol's default."""
+
+    kind: ClassVar[str] = "tpt"
+
+    backbone: str
+    dataset: str
+    root: str
+    method: str = "tpt"
+    weights: str | None = None
+    seed: int = 1
+    protocol: str = "published"
+    lam: float | None = None
+    delta: float | None = None
+    views: int | None = None
+    augmix: bool | None = None
+    selection: float | None = None
+    steps: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    ctx_init: str | None = None
+    autocast: bool | None = None
+    n_bins: int | None = None
+    init_prompt: str | None = None
+    limit: int | None = None
+    val_per_class: int | None = None
+    precision: str = "fp32"
+    device: str = "cpu"
+    cache: str | None = None
+    workers: int | None = None
+    batch_size: int = 16
+    progress: bool = True
+
+    def resolved(self) -> TPTRunConfig:
+        """Every ``None`` filled from the protocol and the method; validated."""
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
+        if self.method not in METHOD_DEFAULTS:
+            raise ValueError(f"method: expected one of {sorted(METHOD_DEFAULTS)}, got {self.method!r}")
+        if self.method in ("zeroshot", "tpt") and self.lam not in (None, 0.0):
+            raise ValueError(f"lam: {self.method} has no regulariser; --lam applies to ctpt, otpt, otpt_fro, soc")
+        if self.method != "soc" and self.delta is not None:
+            raise ValueError(f"delta: only SoC has a Huber threshold, not {self.method}")
+        defaults = {**PROTOCOLS[self.protocol], "lam": 0.0, "delta": losses.SOC_DELTA,
+                    **METHOD_DEFAULTS[self.method]}
+        if self.method == "zeroshot":
+            defaults["steps"] = 0
+        filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        out = replace(self, **filled)
+        for name in ("views", "batch_size", "n_bins"):
+            if getattr(out, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(out, name)}")
+        for name in ("limit", "val_per_class"):
+            if getattr(out, name) is not None and getattr(out, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(out, name)}")
+        if out.seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer, got {out.seed}")
+        if out.method == "zeroshot" and out.steps != 0:
+            raise ValueError("steps: zero-shot takes no adaptation step")
+        out.tpt_config()  # validates the algorithm's own fields
+        return out
+
+    def tpt_config(self) -> TPTConfig:
+        return TPTConfig(method="tpt" if self.method == "zeroshot" else self.method, lam=self.lam,
+                         delta=self.delta, selection=self.selection, steps=self.steps, lr=self.lr,
+                         weight_decay=self.weight_decay, autocast=self.autocast)
+
+    def effective(self) -> dict[str, Any]:
+        """The resolved fields that determine the result (call on :meth:`resolved`)."""
+        return {k: v for k, v in asdict(self).items() if k not in NON_EFFECTIVE}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TPTRunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"tpt config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        return cls(**data)
+
+    # -- the run -----------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        """Validate everything, load the data and backbone, identify the run (no writes)."""
+        config = self.resolved()
+        kind = device_kind(config.device)
+        test = load_dataset(config.dataset, config.root, "test")
+        train = load_dataset(config.dataset, config.root, "train") if config.val_per_class else None
+        if train is not None and list(train.classnames) != list(test.classnames):
+            raise DataError(f"{config.root}: train classes {list(train.classnames)} differ from test classes "
+                            f"{list(test.classnames)}")
+        backbone = cached_backbone(config.backbone, config.weights, config.device, config.precision)
+        learner, prompt_digest = _initial_learner(backbone, list(test.classnames), config)
+        store = FeatureStore(config.cache)
+        effective = {**config.effective(), "init_prompt_digest": prompt_digest}
+        identity = RunIdentity(
+            kind=self.kind, config=effective,
+            data={"train": dataset_fingerprint(train, store) if train is not None else None,
+                  "test": dataset_fingerprint(test, store)},
+            backbone=backbone.fingerprint, protocol_version=PROTOCOL_VERSION,
+            metrics_version=METRICS_VERSION, precision=config.precision, device_kind=kind)
+        base = TPTRunConfig(config.backbone, config.dataset, config.root, method=config.method,
+                            protocol=config.protocol).resolved()
+        defaults = {**base.effective(), "init_prompt_digest": None}
+        name = run_name([f"seed{config.seed}"], effective, defaults, identity.run_id,
+                        skip=("method", "backbone", "dataset", "seed", "init_prompt_digest"))
+        if prompt_digest is not None:
+            name = f"coop{prompt_digest[:6]}-{name}"
+        path = Path(slug(config.dataset)) / slug(config.backbone) / f"tpt-{config.method}" / name
+        record = {"tpt": config.tpt_config().to_dict(), "protocol": config.protocol,
+                  "init_prompt_digest": prompt_digest}
+
+        def work(directory: RunDirectory, resumed: bool) -> Outputs:
+            return _work(config, directory, backbone, store, learner, test, train)
+
+        return Plan(identity, path, asdict(self), list(test.classnames), config.n_bins,
+                    f"{config.backbone} / {config.dataset} / {config.method}, seed {config.seed}", work, record,
+                    method=f"tpt-{config.method}")
+
+    def predict_logits(self, directory: Path, backbone: Any, paths: list[Path], store: FeatureStore,
+                       *, workers: int | None = None, progress: bool = True):
+        """Adapt the run's initial prompt (``prompt.safetensors``) to each new image with the run's
+        method and settings, and classify it. Returns (logits, index, excluded)."""
+        config = self.resolved()
+        learner = _learner_from_file(backbone, Path(directory) / "prompt.safetensors",
+                                     json.loads((Path(directory) / "config.json").read_text())["classnames"])
+        views = store.test_time_views(backbone, paths, config.views, augmix=config.augmix,
+                                      aug_seed=config.seed, num_workers=workers, progress=progress)
+        logits = _adapt(learner, views.features, config, progress, "adapting")
+        return logits, views.index, views.excluded
+
+
+def _learner_from_file(backbone: Any, path: Path, classnames: list[str]):
+    from safetensors.torch import load_file
+
+    from calibprompt.prompts import PromptLearner
+
+    tensors = load_file(str(path))
+    ctx = tensors["ctx"]
+    position = {0: "end", 1: "middle", 2: "front"}[int(tensors.get("position", torch.tensor(0)))]
+    learner = PromptLearner(backbone, classnames, n_ctx=ctx.shape[0], position=position)
+    with torch.no_grad():
+        learner.ctx.copy_(ctx)
+    return learner
+
+
+def _initial_learner(backbone: Any, classnames: list[str], config: TPTRunConfig):
+    """The prompt every image starts from: ``ctx_init`` words, or a CoOp-tuned context (TPT + CoOp)
+    read from a run directory or its ``prompt.safetensors``. Returns (learner, digest of the prompt)."""
+    from safetensors.torch import load_file
+
+    from calibprompt.prompts import PromptLearner
+
+    if config.init_prompt is None:
+        return PromptLearner(backbone, classnames, init="words", init_words=config.ctx_init), None
+    path = Path(config.init_prompt)
+    tensor_file = path / "prompt.safetensors" if path.is_dir() else path
+    if not tensor_file.is_file():
+        raise ValueError(f"--init-prompt {path}: expected a finished prompt-tuning run directory or its "
+                         "prompt.safetensors")
+    run_config = {}
+    if (tensor_file.parent / "config.json").is_file():
+        run_config = json.loads((tensor_file.parent / "config.json").read_text()).get("config", {})
+    try:
+        ctx = load_file(str(tensor_file))["ctx"]
+    except Exception as exc:
+        raise ValueError(f"--init-prompt {tensor_file}: not a calibprompt prompt file ({exc})") from exc
+    if ctx.ndim != 2 or run_config.get("class_specific"):
+        raise ValueError(f"--init-prompt {tensor_file}: TPT needs one generic context (n_ctx, width); "
+                         f"got shape {tuple(ctx.shape)}")
+    if run_config.get("backbone") not in (None, config.backbone):
+        raise ValueError(f"--init-prompt {tensor_file}: tuned on backbone {run_config['backbone']!r}, "
+                         f"this run uses {config.backbone!r}")
+    learner = PromptLearner(backbone, classnames, n_ctx=ctx.shape[0],
+                            position=run_config.get("position", "end"))
+    if learner.ctx.shape != ctx.shape:
+        raise ValueError(f"--init-prompt {tensor_file}: context of shape {tuple(ctx.shape)} does not fit "
+                         f"{config.backbone} (expected (n_ctx, {learner.ctx.shape[-1]}))")
+    with torch.no_grad():
+        learner.ctx.copy_(ctx)
+    return learner, hashlib.sha256(ctx.float().numpy().tobytes()).hexdigest()[:16]
+
+
+def _adapt(learner: Any, features: torch.Tensor, config: TPTRunConfig, progress: bool, label: str,
+           done: dict[int, np.ndarray] | None = None, save_part: Any = None) -> np.ndarray:
+    """Logits of every image (batched ``tpt_adapt``), skipping positions in ``done`` and handing
+    each finished group of :data:`PART_IMAGES` images to ``save_part(positions, logits)``."""
+    from calibprompt.methods.tpt import tpt_adapt
+    from calibprompt.progress import rate_progress
+
+    done = dict(done or {})
+    n = features.shape[0]
+    todo = [p for p in range(n) if p not in done]
+    tpt = config.tpt_config()
+    group = max(config.batch_size, PART_IMAGES)
+    start = time.perf_counter()
+    with rate_progress(progress) as bar:
+        task = bar.add_task(f"{label} ({config.method})", total=n, completed=n - len(todo), rate="-")
+        for g in range(0, len(todo), group):
+            chunk = todo[g: g + group]
+            logits = []
+            for b in range(0, len(chunk), config.batch_size):
+                batch = chunk[b: b + config.batch_size]
+                out_logits, _ = tpt_adapt(learner, features[batch], tpt)
+                logits.append(out_logits.double().cpu().numpy())
+                rate = (g + b + len(batch)) / max(time.perf_counter() - start, 1e-9)
+                bar.update(task, advance=len(batch), rate=f"{rate:.2f}")
+            stacked = np.concatenate(logits)
+            if save_part is not None:
+                save_part(chunk, stacked)
+            done.update(zip(chunk, stacked, strict=True))
+    return np.stack([done[p] for p in range(n)]) if n else np.zeros((0, len(learner.classnames)))
+
+
+def _done_parts(parts: Path, split: str) -> dict[int, np.ndarray]:
+    """Position -> logits of the images finished by an earlier (interrupted) call."""
+    done: dict[int, np.ndarray] = {}
+    for part in sorted(parts.glob(f"{split}-*.npz")):
+        with np.load(part, allow_pickle=False) as data:
+            done.update(zip(data["positions"].tolist(), data["logits"], strict=True))
+    return done
+
+
+def _work(config: TPTRunConfig, directory: RunDirectory, backbone: Any, store: FeatureStore, learner: Any,
+          test: Any, train: Any) -> Outputs:
+    from safetensors.torch import save_file
+
+    with atomic_path(directory.path("prompt.safetensors")) as tmp:
+        position = {"end": 0, "middle": 1, "front": 2}[learner.position]
+        save_file({"ctx": learner.ctx.detach().cpu().contiguous(), "position": torch.tensor(position)}, str(tmp))
+    parts = directory.path("parts")
+    parts.mkdir(exist_ok=True)
+    kw = {"augmix": config.augmix, "aug_seed": config.seed, "num_workers": config.workers,
+          "progress": config.progress}
+
+    def run_split(name: str, dataset: Any) -> tuple[np.ndarray, Any, float, int]:
+        paths = dataset.paths[: config.limit] if (config.limit and name == "test") else dataset.paths
+        views = store.test_time_views(backbone, paths, config.views, **kw)
+        tables.update(views.tables)
+        done = _done_parts(parts, name)
+
+        def save_part(chunk: list[int], logits: np.ndarray) -> None:
+            write_npz(parts / f"{name}-{chunk[0]:07d}.npz", positions=np.asarray(chunk), logits=logits)
+
+        start = time.perf_counter()
+        logits = _adapt(learner, views.features, config, config.progress, f"{name} on {config.dataset}",
+                        done, save_part)
+        return logits, views, time.perf_counter() - start, len(views.index) - len(done)
+
+    tables: set[str] = set()
+    val_out: dict[str, Any] = {}
+    if train is not None:
+        val = validation_split(train, per_class=config.val_per_class, seed=config.seed,
+                               manifest_path=directory.path("splits/validation.json")).subset_of(train)
+        val_logits, val_views, _, _ = run_split("val", val)
+        val_out = {"val_logits": val_logits, "val_labels": val.labels[val_views.index],
+                   "val_files": [val.files[i] for i in val_views.index]}
+    test_logits, views, seconds, adapted = run_split("test", test)
+    write_json(directory.path("cache_tables.json"), sorted(tables))
+    return Outputs(
+        test_logits=test_logits, test_labels=test.labels[views.index],
+        test_files=[test.files[i] for i in views.index], excluded=list(views.excluded), **val_out,
+        extra={"adapted_images": adapted,
+               "images_per_second": adapted / seconds if adapted and seconds > 0 else None,
+               "test_images": len(views.index)})
