@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -16,8 +16,38 @@ from calibprompt.data import Dataset, FeatureStore
 from calibprompt.runs.directory import RunDirectory
 from calibprompt.runs.identity import RunIdentity, data_fingerprint
 
-__all__ = ["Outputs", "Plan", "cached_backbone", "dataset_fingerprint", "device_kind",
+__all__ = ["Outputs", "Plan", "RunConfigBase", "cached_backbone", "dataset_fingerprint", "device_kind",
            "package_versions"]
+
+
+@dataclass(frozen=True)
+class RunConfigBase:
+    """The fields every kind of run has: what to run on (backbone, dataset, root), the method, the
+    seed, and where and how it runs (precision, device, cache, workers, progress bars)."""
+
+    kind: ClassVar[str] = ""
+
+    backbone: str
+    dataset: str
+    root: str
+    method: str = ""
+    weights: str | None = None
+    seed: int = 1
+    precision: str = "fp32"
+    device: str = "cpu"
+    cache: str | None = None
+    workers: int | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """The config from its stored form (``config.json``'s ``config``); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{cls.kind} run config: unknown keys {sorted(unknown)}; expected some of "
+                             f"{sorted(known)}")
+        return cls(**data)
 
 
 @dataclass

@@ -13,7 +13,7 @@ Files of a prompt run besides the common ones (:mod:`calibprompt.runs.directory`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +27,7 @@ from calibprompt.metrics import METRICS_VERSION
 from calibprompt.runs.common import (
     Outputs,
     Plan,
+    RunConfigBase,
     cached_backbone,
     dataset_fingerprint,
     device_kind,
@@ -45,7 +46,7 @@ TRAINING_FIELDS = ("shots", "n_ctx", "init", "position", "class_specific", "view
 
 
 @dataclass(frozen=True)
-class PromptRunConfig:
+class PromptRunConfig(RunConfigBase):
     """A zero-shot (``method="zeroshot"``) or prompt-tuning run; the same schema as the ``train``
     / ``zeroshot`` flags and the ``config`` of ``config.json``.
 
@@ -57,13 +58,8 @@ class PromptRunConfig:
 
     kind: ClassVar[str] = "prompt"
 
-    backbone: str
-    dataset: str
-    root: str
     method: str = "calibprompt"
-    weights: str | None = None
     shots: int = 8
-    seed: int = 1
     n_ctx: int = 16
     init: str = "random"
     position: str = "end"
@@ -75,11 +71,6 @@ class PromptRunConfig:
     warmup_lr: float | None = None
     n_bins: int = 15
     val_per_class: int | None = None
-    precision: str = "fp32"
-    device: str = "cpu"
-    cache: str | None = None
-    workers: int | None = None
-    progress: bool = True
     alpha: float | None = None
     weight: float | None = None
 
@@ -190,14 +181,6 @@ class PromptRunConfig:
         feats = store.features(backbone, paths, num_workers=workers, progress=progress)
         logits = zeroshot_logits(feats.features, tensors["text_features"], float(tensors["logit_scale"]))
         return logits.double().cpu().numpy(), feats.index, feats.excluded
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PromptRunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"run config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(**data)
 
 
 #: The name this config had before other kinds of runs existed (kept for users' scripts).

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from calibprompt.data import load_dataset
 from calibprompt.runs.execute import RunResult, execute_run
 
 __all__ = ["load_sweep", "run_sweep"]
@@ -106,6 +107,8 @@ def load_sweep(path: str | Path) -> tuple[list[Any], Path]:
             raise ValueError(f"{path}: {exc}") from exc
     for config in configs:  # fail on a bad value before the first run starts
         config.resolved() if hasattr(config, "resolved") else config.validate()
+    for name, root in dict.fromkeys((c.dataset, c.root) for c in configs):  # and on a bad data root
+        load_dataset(name, root, "test")
     return configs, Path(spec.get("out", "runs"))
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,6 +33,7 @@ from calibprompt.metrics import METRICS_VERSION
 from calibprompt.runs.common import (
     Outputs,
     Plan,
+    RunConfigBase,
     cached_backbone,
     dataset_fingerprint,
     device_kind,
@@ -74,17 +75,12 @@ NON_EFFECTIVE = ("root", "weights", "device", "cache", "workers", "batch_size", 
 
 
 @dataclass(frozen=True)
-class TPTRunConfig:
+class TPTRunConfig(RunConfigBase):
     """One test-time tuning run; ``None`` fields take the method's / protocol's default."""
 
     kind: ClassVar[str] = "tpt"
 
-    backbone: str
-    dataset: str
-    root: str
     method: str = "tpt"
-    weights: str | None = None
-    seed: int = 1
     protocol: str = "published"
     lam: float | None = None
     delta: float | None = None
@@ -100,12 +96,7 @@ class TPTRunConfig:
     init_prompt: str | None = None
     limit: int | None = None
     val_per_class: int | None = None
-    precision: str = "fp32"
-    device: str = "cpu"
-    cache: str | None = None
-    workers: int | None = None
     batch_size: int = 16
-    progress: bool = True
 
     def resolved(self) -> TPTRunConfig:
         """Every ``None`` filled from the protocol and the method; validated."""
@@ -144,14 +135,6 @@ class TPTRunConfig:
     def effective(self) -> dict[str, Any]:
         """The resolved fields that determine the result (call on :meth:`resolved`)."""
         return {k: v for k, v in asdict(self).items() if k not in NON_EFFECTIVE}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TPTRunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"tpt config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(**data)
 
     # -- the run -----------------------------------------------------------------------------
     def plan(self) -> Plan:
