@@ -117,7 +117,7 @@ def finished(roots, tmp_path_factory):
               "--cache", str(tmp / "cache"), "--workers", "0", "--quiet"]
     assert main(["train", *common, "--method", "ce", "--shots", "2", "--epochs", "1", "--views", "1",
                  "--val-per-class", "2"]) == 0
-    assert main(["tpt", *common, "--method", "ctpt", "--views", "4"]) == 0
+    assert main(["tpt", *common, "--method", "ctpt", "zeroshot", "--views", "4"]) == 0
     assert main(["tpt", *common, "--method", "tpt", "--views", "4", "--val-per-class", "2"]) == 0
     runs = {d.parent.name: d for d in (tmp / "runs").glob("imagefolder/demo/*/*")}
     return tmp, runs
@@ -197,3 +197,37 @@ def test_external_evaluation_calibrate_and_metrics_on_every_kind(finished, roots
         assert main(["metrics", str(runs[name]), *bins, "--calibrate", "temperature", "--json", str(tmp_path / "t.json")]) == 0
         assert json.loads((tmp_path / "t.json").read_text())["ece"] == pytest.approx(own["temperature_scaled"]["ece"],
                                                                                     abs=1e-6)
+
+
+def test_other_bins_remeasure_and_test_time_baselines_pair(finished, roots, tmp_path, capsys):
+    tmp, runs = finished
+    common = ["--backbone", "demo", "--dataset", "imagefolder", "--root", str(roots[0]), "--out", str(tmp / "runs"),
+              "--cache", str(tmp / "cache"), "--workers", "0", "--quiet"]
+    # other bins measure the finished run again instead of retraining it
+    before = (runs["ce"] / "predictions.npz").read_bytes()
+    assert main(["train", *common, "--method", "ce", "--shots", "2", "--epochs", "1", "--views", "1",
+                 "--val-per-class", "2", "--n-bins", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "already finished" in out and "ECE(7 bins)" in out
+    rebinned = json.loads((runs["ce"] / "metrics_7bins.json").read_text())
+    assert rebinned["uncalibrated"]["n_bins"] == 7 and rebinned["temperature_scaled"]["n_bins"] == 7
+    assert (runs["ce"] / "predictions.npz").read_bytes() == before
+    assert json.loads((runs["ce"] / "metrics.json").read_text())["n_bins"] == 15
+    # test-time zero-shot is the natural baseline of the TPT family: the rows pair
+    rows = {r.method: r for r in summarize(tmp / "runs", n_resamples=20, baseline="tpt-zeroshot")}
+    assert rows["tpt-ctpt"].baseline_diff["status"] == "ok"
+    # --fit-on with a run's predictions fits on its validation arrays, never its test arrays
+    fit = ["metrics", str(runs["ce"]), "--calibrate", "temperature", "--json", str(tmp_path / "a.json")]
+    assert main(fit) == 0 and main([*fit[:-1], str(tmp_path / "b.json"), "--fit-on", str(runs["ce"])]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["calibrator"] == b["calibrator"]
+
+
+def test_a_test_set_with_one_class_present_stores_undefined_metrics_as_null(roots, tmp_path, capsys):
+    # the first test images of the folder are all of one class: AUROC is undefined, not a crash
+    assert main(["tpt", "--backbone", "demo", "--dataset", "imagefolder", "--root", str(roots[0]), "--out",
+                 str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"), "--workers", "0", "--quiet",
+                 "--method", "zeroshot", "--views", "2", "--limit", "3"]) == 0
+    metrics = json.loads(next((tmp_path / "runs").rglob("metrics.json")).read_text())
+    assert metrics["uncalibrated"]["auroc"] is None and metrics["uncalibrated"]["n_samples"] == 3
+    assert not list((tmp_path / "runs").rglob(".*.partial"))

@@ -49,7 +49,7 @@ A finished run is skipped (--force redoes it); an interrupted one resumes.""",
   calibprompt tpt --backbone plip --weights ~/models/plip --dataset covid --root ~/data \
       --method soc --lam 10 --delta 0.5 --seed 2
   calibprompt tpt --backbone quiltnet --dataset kather --root ~/data --method tpt \
-      --init-prompt runs/kather/quiltnet/ce/16shot_seed1-0123456789       # TPT + CoOp
+      --init-prompt runs/kather/quiltnet/ce/16shot-seed1-0123456789       # TPT + CoOp
 
 Default protocol (SPEC §7, --protocol published): 64 views (original + 63 RandomResizedCrop +
 flip + AugMix), 4 context vectors from "a photo of a", the 10%% lowest-entropy views, one AdamW
@@ -159,8 +159,9 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
             if not _is_run_predictions(args.predictions):
                 raise CLIError("--calibrate needs --fit-on FILE.npz (a labelled set other than the test set)")
             fit_scores, fit_labels, fit_logits = _load_predictions(args.predictions, "--calibrate", "val_")
-        else:
-            fit_scores, fit_labels, fit_logits = _load_predictions(fit_on, "--fit-on")
+        else:  # a run's predictions file is fitted on its validation arrays, never its test arrays
+            fit_scores, fit_labels, fit_logits = _load_predictions(
+                fit_on, "--fit-on", "val_" if _is_run_predictions(fit_on) else "")
         if not fit_logits:
             raise CLIError(f"--fit-on {args.fit_on}: must hold logits")
         calibrator = CALIBRATORS[args.calibrate]().fit(fit_scores, fit_labels)
@@ -391,11 +392,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if not (args.dataset and args.root):
             raise CLIError("external evaluation needs both --dataset and --root")
         result = run.evaluate(args.dataset, args.root, split=args.split, n_bins=args.n_bins, device=args.device,
-                              cache=args.cache, workers=args.workers, progress=not args.quiet, force=args.force)
+                              cache=args.cache, workers=args.workers, progress=not args.quiet, force=args.force,
+                              weights=args.weights)
         _print_run(result, label=f"{run.method} on {args.dataset} ({args.split}): ")
         return 0
     preds = run.predictions()
-    n_bins = args.n_bins or 15
+    n_bins = args.n_bins or run.metrics.get("n_bins", 15)
     probs = softmax(preds["test_logits"], axis=1)
     result = evaluate(probs, preds["test_labels"], n_bins=n_bins)
     if args.bootstrap:
@@ -434,7 +436,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     run = _load_run(args.run)
     collect_images(args.images)  # bad paths fail before the backbone is loaded
     result = run.predict(args.images, device=args.device, cache=args.cache, workers=args.workers,
-                         progress=not args.quiet)
+                         progress=not args.quiet, weights=args.weights)
     written = write_prediction_files(result, run, args.out)
     console = Console()
     calibrated = ("with temperature-scaled probabilities (T fitted on the run's "
@@ -520,7 +522,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             cells += [f"{stats[k]['mean']:.3f}" for k in ("brier", "nll")]
             table.add_row(DEMO_METHODS.get(row.method, row.method) + suffix, *cells)
     console.print(table)
-    console.print(f"runs in {report.out_dir / 'runs'}; report.md, report.csv, report.tex and reliability "
+    console.print(f"runs in {report.out_dir / 'runs'}; report.md, report.csv, report_per_class.csv, report.tex and "
+                  f"reliability "
                   f"diagrams in {report.out_dir}/ ({report.seconds:.0f} s)")
     return 0
 
@@ -645,12 +648,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", "recompute a run's test metrics (e.g. other bins), or evaluate it on another dataset")
     p.add_argument("run", help="a run directory (any method)")
-    p.add_argument("--n-bins", type=int, default=None, help="bins of ECE/MCE/ACE (default 15; external: the run's)")
+    p.add_argument("--n-bins", type=int, default=None, help="bins of ECE/MCE/ACE (default: the run's)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="bootstrap resamples for 95%% intervals")
     p.add_argument("--dataset", help="external validation: the dataset to apply the run to (same classes)")
     p.add_argument("--root", help="external validation: that dataset's root")
     p.add_argument("--split", default="test", help="external validation: the split to use (default test)")
     p.add_argument("--device", default=None, help="device for external validation (default: the run's)")
+    p.add_argument("--weights", help="the run's backbone weights, if they moved (default: the path the run recorded)")
     p.add_argument("--cache", help="feature cache directory (default: the run's)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--force", action="store_true", help="redo a finished external evaluation")
@@ -662,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="directory for predictions.csv and predict.json")
     p.add_argument("--device", default=None, help="device (default: the run's)")
+    p.add_argument("--weights", help="the run's backbone weights, if they moved (default: the path the run recorded)")
     p.add_argument("--cache", help="feature cache directory (default: the run's)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

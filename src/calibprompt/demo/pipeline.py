@@ -4,7 +4,8 @@ with and without temperature scaling, over several seeds (``calibprompt demo``).
 It is an ordinary sweep through the run machinery: generate the demo dataset in the BAPLe layout
 -> one run per (method, seed) with :func:`calibprompt.runs.execute_run` (features encoded once
 into ``OUT/cache``; runs in ``OUT/runs``; a finished run is reused) -> the report over those runs
-(``OUT/report.md``, ``report.csv``, ``report.tex``, reliability diagrams). Nothing is tuned to
+(``OUT/report.md``, ``report.csv``, ``report_per_class.csv``, ``report.tex``, reliability
+diagrams). Nothing is tuned to
 make a method look good: the CalibPrompt weights are the library's defaults for a
 backbone/dataset pair the paper did not tune (alpha 0.1, AS weight 1).
 """

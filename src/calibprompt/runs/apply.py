@@ -132,30 +132,32 @@ class Run:
         """The arrays of ``predictions.npz`` (test, and validation when the run has one)."""
         return read_predictions(self.directory)
 
-    def backbone(self, device: str | None = None) -> Any:
-        """The run's backbone (same name, weights, precision), checked against its fingerprint."""
-        backbone = cached_backbone(self.config.backbone, self.config.weights, device or self.config.device,
+    def backbone(self, device: str | None = None, weights: str | None = None) -> Any:
+        """The run's backbone (same name and precision; its recorded weights, or ``weights`` when
+        they have moved), checked against the run's backbone fingerprint."""
+        weights = weights or self.config.weights
+        backbone = cached_backbone(self.config.backbone, weights, device or self.config.device,
                                    self.config.precision)
         expected = self.record["identity"]["backbone"]
         if backbone.fingerprint != expected:
-            raise ValueError(f"{self.directory}: the backbone loaded from {self.config.weights or 'its default'} "
+            raise ValueError(f"{self.directory}: the backbone loaded from {weights or 'its default weights'} "
                              f"is not the one this run used (fingerprint {backbone.fingerprint[:12]} != "
                              f"{expected[:12]}); pass the run's weights")
         return backbone
 
     def _logits(self, paths: list[Path], device: str | None, cache: str | None, workers: int | None,
-                progress: bool):
-        backbone = self.backbone(device)
+                progress: bool, weights: str | None):
+        backbone = self.backbone(device, weights)
         store = FeatureStore(cache if cache is not None else self.config.cache)
         return self.config.predict_logits(self.directory, backbone, paths, store, workers=workers,
                                           progress=progress)
 
     def predict(self, images: Sequence[str | Path], *, device: str | None = None, cache: str | None = None,
-                workers: int | None = None, progress: bool = True) -> Predictions:
+                workers: int | None = None, progress: bool = True, weights: str | None = None) -> Predictions:
         """Classify ``images`` (files or folders) with the run; unreadable images are listed in
         ``excluded`` with their reason."""
         paths = collect_images(images)
-        logits, index, excluded = self._logits(paths, device, cache, workers, progress)
+        logits, index, excluded = self._logits(paths, device, cache, workers, progress, weights)
         probs = softmax(logits, axis=1)
         t = self.temperature
         return Predictions(
@@ -167,7 +169,7 @@ class Run:
 
     def evaluate(self, dataset: str, root: str | Path, *, split: str = "test", n_bins: int | None = None,
                  device: str | None = None, cache: str | None = None, workers: int | None = None,
-                 progress: bool = True, force: bool = False) -> RunResult:
+                 progress: bool = True, force: bool = False, weights: str | None = None) -> RunResult:
         """External validation: the run applied to ``dataset``'s ``split`` under ``root`` (another
         dataset or site, same classes), without retraining. Stored beside the run in
         ``external/<dataset>-<split>-<id>/`` (predictions, metrics with and without the run's
@@ -188,10 +190,10 @@ class Run:
         identity = {"run_id": self.record["run_id"], "data": dataset_fingerprint(data, store),
                     "n_bins": n_bins, "metrics_version": METRICS_VERSION, "device_kind": kind}
         ext_id = digest(identity)
-        target = RunDirectory(self.directory / "external" / f"{slug(dataset, split)}-{ext_id[:10]}")
+        target = RunDirectory(self.directory / "external" / f"{slug(dataset)}-{slug(split)}-{ext_id[:10]}")
         if target.finished and not force:
             return RunResult(target.final, json.loads((target.final / "metrics.json").read_text()), skipped=True)
-        logits, index, excluded = self._logits(data.paths, device, cache, workers, progress)
+        logits, index, excluded = self._logits(data.paths, device, cache, workers, progress, weights)
         labels = data.labels[index]
         target.begin({"schema_version": SCHEMA_VERSION, "kind": "external", "run_id": ext_id,
                       "identity": identity, "run": str(self.directory), "dataset": dataset,

@@ -3,6 +3,7 @@ predictions, metrics, diagram -> atomic rename. Every method goes through :func:
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,31 @@ def score(test_logits: np.ndarray, test_labels: np.ndarray, n_bins: int, *,
                                              n_bins=n_bins)
         out["temperature"] = float(temperature)
         out["temperature_warnings"] = [str(w.message) for w in caught]
+    return _finite(out)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN): a metric that is
+    undefined on this test set -- AUROC with one class present -- is stored as null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _rebinned(directory: Path, metrics: dict[str, Any], n_bins: int) -> dict[str, Any]:
+    """A finished run's metrics at ``n_bins`` (its temperature kept), stored as
+    ``metrics_<n_bins>bins.json`` beside its ``metrics.json``."""
+    from calibprompt.io import write_json
+    from calibprompt.runs.directory import read_predictions
+
+    preds = read_predictions(directory)
+    out = {**metrics, **score(preds["test_logits"], preds["test_labels"], n_bins,
+                              temperature=metrics.get("temperature"))}
+    write_json(directory / f"metrics_{n_bins}bins.json", out)
     return out
 
 
@@ -99,6 +125,8 @@ def execute_run(config: Any, out: str | Path, force: bool = False) -> RunResult:
             raise ValueError(f"{directory.final}: holds another run whose id starts with the same digits; "
                              "move it away")
         metrics = json.loads((directory.final / "metrics.json").read_text())
+        if metrics.get("n_bins") != plan.n_bins:  # the same run measured at other bins: no retraining
+            metrics = _rebinned(directory.final, metrics, plan.n_bins)
         return RunResult(directory.final, metrics, skipped=True)
     resumed = directory.begin(plan_record(plan), force=force)
     outputs = plan.work(directory, resumed)

@@ -54,7 +54,9 @@ class PromptRunConfig(RunConfigBase):
     ``warmup_lr=None`` means the protocol's warm-up lr (1e-3 for MedCLIP, else 1e-5);
     ``val_per_class=None`` means ``max(4, ceil(64 / classes))`` validation images per class.
     ``root``, ``weights``, ``cache``, ``device``'s index, ``workers`` and ``progress`` do not
-    enter the run's identity (the data and weights enter by content)."""
+    enter the run's identity (the data and weights enter by content), nor does ``n_bins``: it
+    changes how the predictions are measured, not the predictions (a finished run asked for other
+    bins is measured again, not retrained)."""
 
     kind: ClassVar[str] = "prompt"
 
@@ -115,12 +117,13 @@ class PromptRunConfig(RunConfigBase):
             raise ValueError(f"seed: expected a non-negative integer, got {self.seed!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision: expected fp32, bf16 or fp16, got {self.precision!r}")
+        self.objective()  # an unknown preset or a malformed expression fails here
 
     def effective(self, objective: Any = None, val_per_class: int | None = None) -> dict[str, Any]:
         """The fields that determine the result, defaults resolved; zero-shot runs leave out the
         training fields (they do not apply)."""
         data = {"method": self.method, "backbone": self.backbone, "dataset": self.dataset, "seed": self.seed,
-                "n_bins": self.n_bins, "val_per_class": val_per_class or self.val_per_class}
+                "val_per_class": val_per_class or self.val_per_class}
         if not self.zero_shot:
             train = self.train_config()
             data.update({k: getattr(self, k) for k in TRAINING_FIELDS if k not in ("alpha", "weight")})
@@ -157,6 +160,7 @@ class PromptRunConfig(RunConfigBase):
         defaults = PromptRunConfig(self.backbone, self.dataset, self.root, method=self.method).effective(
             objective, max(4, int(np.ceil(64 / train.num_classes))))
         head = [f"seed{self.seed}"] if self.zero_shot else [f"{self.shots}shot", f"seed{self.seed}"]
+        head += [f"{k}{v:g}" for k, v in (("alpha", self.alpha), ("weight", self.weight)) if v is not None]
         name = run_name(head, effective, defaults, identity.run_id,
                         skip=("method", "backbone", "dataset", "seed", "shots", "objective"))
         method_dir = slug(self.method, limit=40)

@@ -7,7 +7,7 @@ identical views, and a second method re-encodes nothing.
 
 Files of a TPT run besides the common ones (:mod:`calibprompt.runs.directory`):
 ``prompt.safetensors`` (the initial context every image starts from -- what :meth:`Run.predict`
-adapts to new images) and, while running, ``parts/<split>-*.npz`` (logits of the images adapted
+adapts to new images) and, while running (removed when the run is complete), ``parts/<split>-*.npz`` (logits of the images adapted
 so far, written atomically per group; an interrupted run resumes after the last complete part).
 With ``val_per_class`` the run also adapts a seeded validation split of the train pool, so that
 temperature scaling can be fitted (``calibprompt calibrate`` needs it).
@@ -71,7 +71,10 @@ PART_IMAGES = 64
 #: Fields that do not change a run's result (``protocol`` only supplies defaults, which are
 #: resolved into the other fields).
 NON_EFFECTIVE = ("root", "weights", "device", "cache", "workers", "batch_size", "progress", "protocol",
-                 "precision", "init_prompt")
+                 "precision", "init_prompt", "n_bins")
+
+#: Fields of the adaptation step, which zero-shot does not take (not part of its identity).
+ADAPTATION_FIELDS = ("lam", "delta", "selection", "steps", "lr", "weight_decay")
 
 
 @dataclass(frozen=True)
@@ -133,8 +136,10 @@ class TPTRunConfig(RunConfigBase):
                          weight_decay=self.weight_decay, autocast=self.autocast)
 
     def effective(self) -> dict[str, Any]:
-        """The resolved fields that determine the result (call on :meth:`resolved`)."""
-        return {k: v for k, v in asdict(self).items() if k not in NON_EFFECTIVE}
+        """The resolved fields that determine the result (call on :meth:`resolved`); ``n_bins``
+        measures the result and is not part of it."""
+        skip = (*NON_EFFECTIVE, *(ADAPTATION_FIELDS if self.method == "zeroshot" else ()))
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
     # -- the run -----------------------------------------------------------------------------
     def plan(self) -> Plan:
