@@ -3,8 +3,10 @@ baseline differences, deterministic output files -- on hand-made run directories
 
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
+import inspect
 import json
 
 import numpy as np
@@ -12,9 +14,11 @@ import pytest
 from scipy.special import softmax
 
 from calibprompt.io import slug
-from calibprompt.metrics import accuracy, bootstrap, classwise_ece, ece, nll
+from calibprompt.metrics import accuracy, classwise_ece, ece, nll, stratified_bootstrap_indices
+from calibprompt.runs import report as report_module
 from calibprompt.runs.report import (
     _stream_seed,
+    build_report,
     collect_runs,
     per_class_ece,
     per_class_recall,
@@ -73,6 +77,16 @@ def probs_of(directory, temperature=1.0):
         return softmax(data["test_logits"] / temperature, axis=1), data["test_labels"]
 
 
+def resampled(fn, directory, idx, **kw):
+    """``fn`` (a metric) of the run in ``directory`` on every resample (row) of ``idx``."""
+    p, y = probs_of(directory)
+    return np.array([fn(p[i], y[i], **kw) for i in idx])
+
+
+def percentiles(values):
+    return tuple(np.quantile(values, [0.025, 0.975]))
+
+
 def test_rows_split_by_test_fingerprint_and_show_it(tmp_path):
     labels = np.arange(N) % K
     make_run(tmp_path, "a", dataset="imagefolder", test="a" * 32, data_root="/data/site_a",
@@ -124,20 +138,45 @@ def test_ece_and_interval_are_at_the_reports_n_bins(tmp_path):
     for n_bins in (3, 15):
         (row,) = summarize(tmp_path, n_resamples=50, n_bins=n_bins, seed=5)
         assert row.stats["uncalibrated.ece"]["mean"] == pytest.approx(ece(p, y, n_bins=n_bins))
-        ref = bootstrap("ece", p, y, n_resamples=50, n_bins=n_bins, seed=_stream_seed(5, 4, "ece-interval"))
-        assert row.ece_ci["uncalibrated"] == pytest.approx((ref.low, ref.high))  # that run's interval
+        idx = stratified_bootstrap_indices(y, 50, seed=_stream_seed(5, "ece-interval", 0))
+        expected = percentiles(resampled(ece, d, idx, n_bins=n_bins))
+        assert row.ece_ci["uncalibrated"] == pytest.approx(expected)  # percentiles of its resampled ECE
         results[n_bins] = (row.stats["uncalibrated.ece"]["mean"], row.ece_ci["uncalibrated"])
     assert results[3][0] != results[15][0] and results[3][1] != results[15][1]
     assert ece(p, y, n_bins=15) != 0.456  # never the decoy of metrics.json
 
 
-def test_ece_interval_of_several_seeds_bootstraps_the_seed_mean(tmp_path):
+def test_ece_interval_of_several_seeds_bootstraps_the_seed_mean_on_shared_indices(tmp_path):
     dirs = [make_run(tmp_path, f"s{s}", seed=s) for s in (1, 2)]
     (row,) = summarize(tmp_path, n_resamples=40, n_bins=10, seed=3)
-    samples = [bootstrap("ece", *probs_of(d), n_resamples=40, n_bins=10,
-                         seed=_stream_seed(3, s, "ece-interval")).samples for d, s in zip(dirs, (1, 2), strict=True)]
-    expected = np.quantile(np.mean(samples, axis=0), [0.025, 0.975])
-    assert row.ece_ci["uncalibrated"] == pytest.approx(tuple(expected))
+    idx = stratified_bootstrap_indices(np.arange(N) % K, 40, seed=_stream_seed(3, "ece-interval", 0))
+    expected = percentiles(np.mean([resampled(ece, d, idx, n_bins=10) for d in dirs], axis=0))
+    assert row.ece_ci["uncalibrated"] == pytest.approx(expected)
+    assert not row.notes
+
+
+def test_identical_seeds_give_exactly_the_one_seed_ece_interval(tmp_path):
+    logits = random_logits(7, np.arange(N) % K)
+    make_run(tmp_path / "one", "s1", seed=1, logits=logits)
+    for s in (1, 2, 3):
+        make_run(tmp_path / "three", f"s{s}", seed=s, logits=logits)
+    (one,) = summarize(tmp_path / "one", n_resamples=200, seed=4)
+    (three,) = summarize(tmp_path / "three", n_resamples=200, seed=4)
+    assert three.seeds == [1, 2, 3]
+    # one test set: copies of a seed add no information, the interval must not shrink
+    assert three.ece_ci["uncalibrated"] == pytest.approx(one.ece_ci["uncalibrated"], rel=1e-12, abs=1e-15)
+    assert one.ece_ci["uncalibrated"][0] < one.ece_ci["uncalibrated"][1]
+
+
+def test_seeds_with_different_test_sets_are_resampled_independently_with_a_note(tmp_path):
+    labels = np.arange(N) % K
+    dirs = [make_run(tmp_path, "s1", seed=1),
+            make_run(tmp_path, "s2", seed=2, files=np.array([f"x{i:03d}.png" for i in range(N)]))]
+    (row,) = summarize(tmp_path, n_resamples=30, n_bins=10, seed=2)
+    assert any("different test files or labels" in n for n in row.notes)
+    samples = [resampled(ece, d, stratified_bootstrap_indices(labels, 30, seed=_stream_seed(2, "ece-interval", s, 0)),
+                         n_bins=10) for d, s in zip(dirs, (1, 2), strict=True)]
+    assert row.ece_ci["uncalibrated"] == pytest.approx(percentiles(np.mean(samples, axis=0)))
 
 
 def test_temperature_scaled_variant_only_where_every_seed_has_one(tmp_path):
@@ -192,16 +231,40 @@ def test_sensitivity_specificity_of_a_two_class_task(tmp_path):
 
 
 def test_paired_difference_to_an_identical_baseline_is_exactly_zero(tmp_path):
-    for s in (1, 2):
+    for s in (1, 2, 3):
         logits = random_logits(s, np.arange(N) % K)
         make_run(tmp_path, f"zs{s}", method="zeroshot", seed=s, config={}, train=None, logits=logits)
         make_run(tmp_path, f"ce{s}", method="ce", seed=s, logits=logits)
     rows = {r.method: r for r in summarize(tmp_path, n_resamples=30, baseline="zeroshot")}
     assert rows["zeroshot"].baseline_diff["status"] == "baseline"
     diff = rows["ce"].baseline_diff
-    assert diff["status"] == "ok" and diff["seeds"] == [1, 2]
+    assert diff["status"] == "ok" and diff["seeds"] == [1, 2, 3]
     for metric in ("accuracy", "ece"):
         assert diff["variants"]["uncalibrated"][metric] == {"diff": 0.0, "low": 0.0, "high": 0.0}
+
+
+def test_paired_interval_of_identical_seed_copies_is_the_one_seed_interval(tmp_path):
+    labels = np.arange(N) % K
+    base, method = random_logits(1, labels, strength=0.5), random_logits(2, labels, strength=2.5)
+    for root, seeds in ((tmp_path / "one", (1,)), (tmp_path / "three", (1, 2, 3))):
+        for s in seeds:
+            make_run(root, f"zs{s}", method="zeroshot", seed=s, config={}, train=None, logits=base)
+            make_run(root, f"ce{s}", seed=s, logits=method)
+    diffs = {}
+    for name in ("one", "three"):
+        rows = summarize(tmp_path / name, n_resamples=200, baseline="zeroshot", seed=9)
+        diffs[name] = next(r for r in rows if r.method == "ce").baseline_diff
+    assert diffs["three"]["seeds"] == [1, 2, 3] and "note" not in diffs["three"]
+    one, three = diffs["one"]["variants"]["uncalibrated"], diffs["three"]["variants"]["uncalibrated"]
+    for metric in ("accuracy", "ece"):
+        assert three[metric]["low"] < three[metric]["high"]
+        for key in ("diff", "low", "high"):
+            assert three[metric][key] == pytest.approx(one[metric][key], rel=1e-12, abs=1e-15)
+    # and the one-seed interval is the paired bootstrap on one shared index set per resample
+    idx = stratified_bootstrap_indices(labels, 200, seed=_stream_seed(9, "paired", 0))
+    run = tmp_path / "one"
+    expected = percentiles(resampled(ece, run / "ce1", idx) - resampled(ece, run / "zs1", idx))
+    assert (one["ece"]["low"], one["ece"]["high"]) == pytest.approx(expected)
 
 
 def test_paired_difference_point_is_the_difference_of_means_on_shared_seeds(tmp_path):
@@ -250,7 +313,7 @@ def test_outputs_latex_csv_and_byte_identical_rerun(tmp_path):
     assert all(p.is_file() for p in first.values())
     tex = first["latex"].read_text()
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
-        assert tex.count(rule) == 1
+        assert tex.count(rule) == 2  # main and per-class table
     assert r"ls\_smac 50\% \& \#1" in tex and r"\pm" in tex
     body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0]
     assert "_" not in body.replace(r"\_", "")
@@ -259,6 +322,8 @@ def test_outputs_latex_csv_and_byte_identical_rerun(tmp_path):
     assert {"accuracy_mean", "ece_std", "ece_ci_low", "ece_ci_high", "diff_ece_low"} <= set(lines[0])
     md = first["markdown"].read_text()
     assert "n_bins = 15" in md and "20 resamples" in md and "Difference to the baseline" in md
+    assert "the same for every seed" in md and "resampled independently" not in md
+    assert "shared by all seeds and by method and baseline" in md
     again = write_report(runs, out=tmp_path / "a", n_resamples=20, baseline="zeroshot")
     assert again == first
     contents = {k: p.read_bytes() for k, p in first.items()}
@@ -316,3 +381,95 @@ def test_slug_is_file_name_safe():
     assert slug("quilt net", "kather/2016", "ls(alpha=0.1) + smac(alpha=0.1)", "ab12cd34") == (
         "quilt_net_kather_2016_ls_alpha_0.1____smac_alpha_0.1__ab12cd34")
     assert slug("", "///", None) == "___"
+
+
+def test_test_set_size_is_shown_and_keys_of_some_rows_are_listed(tmp_path):
+    make_run(tmp_path, "full", seed=1)
+    labels = np.arange(20) % K  # a test-time run on the first 20 images of the same split
+    make_run(tmp_path, "limited", method="tpt", kind="tpt", seed=1, config={"limit": 20}, train=None,
+             labels=labels, files=np.array([f"img{i:03d}.png" for i in range(20)]))
+    rows, written = build_report(tmp_path, out=tmp_path / "out", n_resamples=10)
+    assert {r.method: r.n_test for r in rows} == {"ce": [40], "tpt": [20]}
+    md = written["markdown"].read_text()
+    table = md.split("## Results")[1].split("## Per-class")[0].strip().splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    n = header.index("n")
+    assert sorted(line.strip("|").split("|")[n].strip() for line in table[2:]) == ["20", "40"]
+    assert "Keys that only some rows have" in md and "`config.limit` (1 of 2 rows: 20)" in md
+    assert "rows on 2 different test sets** (n = 20, 40)" in md
+    lines = list(csv.DictReader(written["csv"].open()))
+    assert {line["method"]: line["n_test"] for line in lines} == {"ce": "40", "tpt": "20"}
+    assert {line["n_test"] for line in csv.DictReader(written["per_class_csv"].open())} == {"20", "40"}
+    tex = written["latex"].read_text()
+    main = tex.split(r"\bottomrule")[0]
+    assert "$n$" in main and " & 20 & " in main and " & 40 & " in main
+
+
+def test_n_per_seed_where_seeds_differ(tmp_path):
+    make_run(tmp_path, "s1", seed=1)
+    make_run(tmp_path, "s2", seed=2, labels=np.arange(30) % K)
+    rows, written = build_report(tmp_path, out=tmp_path / "out", n_resamples=10)
+    assert rows[0].n_test == [40, 30]
+    assert "| 1, 2 | 40/30 |" in written["markdown"].read_text()
+    assert {line["n_test"] for line in csv.DictReader(written["csv"].open())} == {"40 30"}
+
+
+def test_csv_never_repeats_a_column_and_leaves_not_applicable_cells_empty(tmp_path):
+    make_run(tmp_path, "e50")
+    make_run(tmp_path, "zs", method="zeroshot", config={}, train=None)
+    make_run(tmp_path, "tpt", method="tpt", kind="tpt", config={"limit": 40}, train=None)
+    make_run(tmp_path, "other_weights", config={"shots": 8, "epochs": 10, "lr": 0.002}, backbone_fp="c" * 32)
+    summary_columns = list(summarize(tmp_path, n_resamples=10)[0].varying)
+    assert "kind" in summary_columns and "backbone" in summary_columns and "config.epochs" in summary_columns
+    written = write_report(tmp_path, out=tmp_path / "out", n_resamples=10)
+    for key in ("csv", "per_class_csv"):
+        with written[key].open() as handle:
+            header = next(csv.reader(handle))
+        assert len(header) == len(set(header)), header
+        assert header.count("kind") == 1 and "identity.backbone" in header
+        lines = list(csv.DictReader(written[key].open()))
+        assert {line["config.epochs"] for line in lines if line["method"] == "zeroshot"} == {""}
+        assert {line["identity.backbone"] for line in lines} == {"bbbbbbbb", "cccccccc"}
+        assert not any("—" in value for line in lines for value in line.values())
+    md_header = next(line for line in written["markdown"].read_text().splitlines()
+                     if line.startswith("| backbone"))
+    cells = [c.strip() for c in md_header.strip("|").split("|")]
+    assert len(cells) == len(set(cells)) and "identity.backbone" in cells
+
+
+def test_latex_has_an_escaped_per_class_table(tmp_path):
+    make_run(tmp_path, "r", classnames=["adipose_tissue", "B & T cells", "tumor 100%"])
+    tex = write_report(tmp_path, out=tmp_path / "out", n_resamples=10)["latex"].read_text()
+    assert tex.count(r"\begin{table}") == 2 and tex.count(r"\end{tabular}") == 2
+    per_class = tex.split(r"\label{tab:calibprompt-report-per-class}")[1]
+    body = per_class.split(r"\midrule")[1].split(r"\bottomrule")[0]
+    assert r"adipose\_tissue" in body and r"B \& T cells" in body and r"tumor 100\%" in body
+    assert len(body.strip().splitlines()) == 3  # one line per class
+    assert r"Recall (\%)" in per_class and r"Classwise ECE (\%)" in per_class
+    assert tex.index(r"\label{tab:calibprompt-report}") < tex.index(r"\label{tab:calibprompt-report-per-class}")
+
+
+def test_schema_version_comes_from_the_identity_module():
+    from calibprompt.runs import identity
+
+    tree = ast.parse(inspect.getsource(report_module))
+    assigned = [t.id for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(t, ast.Name)]
+    assert "SCHEMA_VERSION" not in assigned
+    assert any(isinstance(node, ast.ImportFrom) and node.module == "calibprompt.runs.identity"
+               and "SCHEMA_VERSION" in [a.name for a in node.names] for node in tree.body)
+    assert report_module.SCHEMA_VERSION == identity.SCHEMA_VERSION
+
+
+def test_build_report_returns_rows_and_files_computed_once(tmp_path):
+    for s in (1, 2):
+        make_run(tmp_path / "runs", f"s{s}", seed=s, temperature=1.2)
+    assert "build_report" in report_module.__all__
+    rows, written = build_report(tmp_path / "runs", out=tmp_path / "a", n_resamples=20, seed=3)
+    again = summarize(tmp_path / "runs", n_resamples=20, seed=3)
+    assert [(r.experiment_id, r.stats, r.ece_ci, r.n_test) for r in rows] == [
+        (r.experiment_id, r.stats, r.ece_ci, r.n_test) for r in again]
+    paths = write_report(tmp_path / "runs", out=tmp_path / "b", n_resamples=20, seed=3)
+    assert set(paths) == set(written)
+    assert {k: p.read_bytes() for k, p in paths.items()} == {k: p.read_bytes() for k, p in written.items()}

@@ -223,11 +223,62 @@ def test_other_bins_remeasure_and_test_time_baselines_pair(finished, roots, tmp_
     assert a["calibrator"] == b["calibrator"]
 
 
-def test_a_test_set_with_one_class_present_stores_undefined_metrics_as_null(roots, tmp_path, capsys):
-    # the first test images of the folder are all of one class: AUROC is undefined, not a crash
+def test_undefined_metrics_are_stored_as_null_and_limits_are_stratified(roots, tmp_path, capsys):
+    from calibprompt.io import write_json
+    from calibprompt.runs.execute import score
+    from calibprompt.runs.tpt import stratified_subset
+
+    # one class present: AUROC is undefined -- stored as null, not a crash writing metrics.json
+    metrics = score(np.array([[3.0, 1.0, 0.0], [2.0, 0.5, 0.1]]), np.array([0, 0]), 10)
+    assert metrics["uncalibrated"]["auroc"] is None
+    write_json(tmp_path / "m.json", metrics)
+    # --limit takes every class in proportion, the same subset for every seed and method
+    labels = np.repeat([0, 1, 2, 3], [150, 150, 150, 150])
+    chosen = stratified_subset(labels, 160)
+    assert len(chosen) == 160 and np.bincount(labels[chosen]).tolist() == [40, 40, 40, 40]
+    assert np.array_equal(chosen, stratified_subset(labels, 160)) and np.all(np.diff(chosen) > 0)
+    assert np.bincount(np.repeat([0, 1], [90, 10])[stratified_subset(np.repeat([0, 1], [90, 10]), 20)]).tolist() == [18, 2]
     assert main(["tpt", "--backbone", "demo", "--dataset", "imagefolder", "--root", str(roots[0]), "--out",
                  str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"), "--workers", "0", "--quiet",
-                 "--method", "zeroshot", "--views", "2", "--limit", "3"]) == 0
-    metrics = json.loads(next((tmp_path / "runs").rglob("metrics.json")).read_text())
-    assert metrics["uncalibrated"]["auroc"] is None and metrics["uncalibrated"]["n_samples"] == 3
+                 "--method", "zeroshot", "--limit", "8"]) == 0
+    preds = np.load(next((tmp_path / "runs").rglob("predictions.npz")))
+    assert np.bincount(preds["test_labels"]).tolist() == [2, 2, 2, 2]
     assert not list((tmp_path / "runs").rglob(".*.partial"))
+
+
+def test_bad_input_fails_before_any_work_with_one_clear_line(finished, roots, tmp_path, capsys):
+    tmp, runs = finished
+    common = ["--backbone", "demo", "--dataset", "imagefolder", "--root", str(roots[0]), "--cache", str(tmp / "cache"),
+              "--workers", "0", "--quiet"]
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["tpt", *common, "--out", str(tmp_path / "o"), "--lr", "-1"], "lr"),
+        (["train", *common, "--out", str(tmp_path / "o"), "--val-per-class", "99", "--shots", "2"], "--val-per-class 99"),
+        (["train", *common, "--out", str(tmp_path / "o"), "--device", "cuda:7" if not __import__("torch").cuda.is_available()
+          else "nodevice"], "device"),
+        (["train", *common, "--out", str(tmp_path / "file")], "not a directory"),
+        (["predict", str(runs["ce"]), str(roots[0] / "test"), "--out", str(tmp_path / "file")], "not a directory"),
+        (["report", str(tmp / "runs"), "--out", str(tmp_path / "file")], "not a directory"),
+        (["demo", "--out", str(tmp_path / "file")], "not a directory"),
+        (["predict", str(next((runs["ce"] / "external").iterdir())) if (runs["ce"] / "external").is_dir()
+          else str(tmp_path), str(roots[0] / "test"), "--out", str(tmp_path / "o")], "run"),
+        (["evaluate", str(runs["ce"]), "--n-bins", "0"], "--n-bins 0"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "o").exists()
+    spec = {"backbones": ["demo"], "datasets": [{"name": "imagefolder", "root": str(roots[0])}], "methods": ["ce"],
+            "seeds": [1], "cache": str(tmp / "cache"), "out": str(tmp_path / "o")}
+    for extra, message in (({"grid": {"init": ["random", "bogus"]}}, "init"), ({"grid": {"lr": [0.01, "abc"]}}, "lr"),
+                           ({"class_specific": "no"}, "class_specific"), ({"seeds": ["x"]}, "seed")):
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump({**spec, **extra}))
+        assert main(["sweep", str(tmp_path / "s.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(tmp_path / "s.yaml") in err
+    assert not (tmp_path / "o").exists()
+    # a run's own predictions file stands for the run in calibrate and evaluate
+    assert main(["calibrate", str(runs["ce"] / "predictions.npz")]) == 0
+    assert main(["evaluate", str(runs["ce"] / "predictions.npz"), "--n-bins", "5"]) == 0
+    assert (runs["ce"] / "metrics_5bins.json").is_file()

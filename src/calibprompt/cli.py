@@ -127,7 +127,8 @@ def _load_predictions(path: str, what: str, prefix: str = "") -> tuple[np.ndarra
                 split = prefix or "test_"
                 if f"{split}logits" not in keys:
                     raise CLIError(f"{what} {path}: this run's predictions have no {split[:-1]} split "
-                                   f"(arrays: {sorted(keys)})")
+                                   f"(arrays: {sorted(keys)}); test-time runs have one when run with "
+                                   "--val-per-class N")
                 return data[f"{split}logits"], data[f"{split}labels"], True
             if "labels" not in keys or not ({"logits", "probs"} & keys):
                 raise CLIError(
@@ -336,9 +337,16 @@ def _print_run(result, label: str = "") -> None:
     console.print(f"run directory: {result.directory}")
 
 
+def _out_dir(path: str | None, flag: str) -> None:
+    """An output directory must be a directory (or not exist yet): checked before any work."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise CLIError(f"{flag} {path}: exists and is not a directory; expected an output directory")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from calibprompt.runs import execute_run
 
+    _out_dir(args.out, "--out")
     method = args.objective or args.method
     _print_run(execute_run(_run_config(args, method), args.out, force=args.force))
     return 0
@@ -347,6 +355,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_zeroshot(args: argparse.Namespace) -> int:
     from calibprompt.runs import execute_run
 
+    _out_dir(args.out, "--out")
     _print_run(execute_run(_run_config(args, "zeroshot"), args.out, force=args.force))
     return 0
 
@@ -367,6 +376,7 @@ def _cmd_tpt(args: argparse.Namespace) -> int:
     ) for method in methods]
     for config in configs:  # every method's options are checked before the first one runs
         config.resolved()
+    _out_dir(args.out, "--out")
     for config in configs:
         _print_run(execute_run(config, args.out, force=args.force), label=f"[bold]{config.method}[/]: ")
     return 0
@@ -388,6 +398,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from calibprompt.metrics import evaluate
 
     run = _load_run(args.run)
+    if args.n_bins is not None and args.n_bins < 1:
+        raise CLIError(f"--n-bins {args.n_bins}: expected a positive integer")
     if args.dataset or args.root:
         if not (args.dataset and args.root):
             raise CLIError("external evaluation needs both --dataset and --root")
@@ -434,6 +446,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from calibprompt.runs.apply import write_prediction_files
 
     run = _load_run(args.run)
+    _out_dir(args.out, "--out")
     collect_images(args.images)  # bad paths fail before the backbone is loaded
     result = run.predict(args.images, device=args.device, cache=args.cache, workers=args.workers,
                          progress=not args.quiet, weights=args.weights)
@@ -461,6 +474,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         console.print(f"[{i + 1}/{total}] {config.backbone} {config.dataset} {config.method} seed "
                       f"{config.seed}: {state}, ECE {ece:.2f}%  {result.directory.name}")
 
+    _out_dir(args.out, "--out")
     results = run_sweep(args.file, out=args.out, force=args.force, on_run=progress)
     console.print(f"{len(results)} runs; report written next to them")
     return 0
@@ -471,6 +485,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     from calibprompt.runs import write_report
 
+    _out_dir(args.out or args.runs, "--out" if args.out else "RUNS")
     written = write_report(args.runs, out=args.out, n_resamples=args.bootstrap, n_bins=args.n_bins,
                            baseline=args.baseline)
     Console().print(written["markdown"].read_text())
@@ -485,6 +500,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console()
+    _out_dir(args.out, "--out")
     if args.simulated:
         from calibprompt.demo.calibration import run_calibration_demo
 
@@ -719,6 +735,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # validation errors of the library name the bad input
         print(f"calibprompt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"calibprompt {args.command}: interrupted; finished runs are kept and an unfinished one "
+              "resumes when the same command is run again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

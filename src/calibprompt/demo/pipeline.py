@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from calibprompt.demo.tissue import write_demo_dataset
-from calibprompt.runs import PromptRunConfig, execute_run, summarize, write_report
+from calibprompt.runs import PromptRunConfig, build_report, execute_run
 
 __all__ = ["DEMO_METHODS", "DemoReport", "run_demo"]
 
@@ -45,15 +45,14 @@ def run_demo(
     data_root = out / "data"
     if not (data_root / "demo" / "classnames.txt").is_file():
         write_demo_dataset(data_root, per_class={"train": 40, "test": 150})
-    runs = []
-    for seed in seeds:
-        for method in DEMO_METHODS:
-            config = PromptRunConfig(backbone="demo", dataset="demo", root=str(data_root), method=method,
-                                     shots=shots, seed=seed, views=views, epochs=epochs, n_bins=n_bins,
-                                     cache=str(out / "cache"), workers=0, progress=progress)
-            runs.append(execute_run(config, out / "runs").directory)
-    written = write_report(out / "runs", out=out, runs=runs, n_bins=n_bins, n_resamples=n_resamples)
-    rows = summarize(out / "runs", runs=runs, n_bins=n_bins, n_resamples=n_resamples)
+    configs = [PromptRunConfig(backbone="demo", dataset="demo", root=str(data_root), method=method, shots=shots,
+                               seed=seed, views=views, epochs=epochs, n_bins=n_bins, cache=str(out / "cache"),
+                               workers=0, progress=progress)
+               for seed in seeds for method in DEMO_METHODS]
+    for config in configs:  # every seed and option checked before the first run
+        config.validate()
+    runs = [execute_run(config, out / "runs").directory for config in configs]
+    rows, written = build_report(out / "runs", out=out, runs=runs, n_bins=n_bins, n_resamples=n_resamples)
     order = list(DEMO_METHODS)
     rows = sorted(rows, key=lambda r: order.index(r.method))
     import json

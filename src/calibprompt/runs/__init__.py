@@ -14,7 +14,7 @@ from calibprompt.runs.common import cached_backbone, package_versions
 from calibprompt.runs.execute import RunResult, execute_run
 from calibprompt.runs.identity import SCHEMA_VERSION, RunIdentity
 from calibprompt.runs.prompt import PromptRunConfig, RunConfig
-from calibprompt.runs.report import summarize, write_report
+from calibprompt.runs.report import build_report, summarize, write_report
 from calibprompt.runs.sweep import load_sweep, run_sweep
 from calibprompt.runs.tpt import TPTRunConfig
 
@@ -28,6 +28,7 @@ __all__ = [
     "RunIdentity",
     "RunResult",
     "TPTRunConfig",
+    "build_report",
     "cached_backbone",
     "collect_images",
     "execute_run",

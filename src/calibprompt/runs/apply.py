@@ -104,7 +104,10 @@ class Run:
     """A finished run directory (any kind)."""
 
     def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
+        directory = Path(directory)
+        if directory.is_file() and directory.name in ("predictions.npz", "config.json", "metrics.json"):
+            directory = directory.parent  # a run's own file stands for the run
+        self.directory = directory
         self.record = read_record(self.directory)
         version = self.record.get("schema_version", 1)
         if version != SCHEMA_VERSION:
@@ -113,7 +116,10 @@ class Run:
         if not (self.directory / "metrics.json").is_file():
             raise ValueError(f"{self.directory}: not a finished run (no metrics.json)")
         self.metrics: dict[str, Any] = json.loads((self.directory / "metrics.json").read_text())
-        self.kind: str = self.record["kind"]
+        self.kind: str = self.record.get("kind", "?")
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.directory}: a result of kind {self.kind!r}, not a run (an external "
+                             "evaluation lives in RUN/external/; pass RUN)")
         self.config = KINDS[self.kind].from_dict(self.record["config"])
 
     @property
@@ -147,6 +153,7 @@ class Run:
 
     def _logits(self, paths: list[Path], device: str | None, cache: str | None, workers: int | None,
                 progress: bool, weights: str | None):
+        device_kind(device or self.config.device)
         backbone = self.backbone(device, weights)
         store = FeatureStore(cache if cache is not None else self.config.cache)
         return self.config.predict_logits(self.directory, backbone, paths, store, workers=workers,

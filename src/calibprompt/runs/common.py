@@ -4,6 +4,8 @@ the backbone kept across the runs of a sweep, dataset fingerprints and package v
 from __future__ import annotations
 
 import platform
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -39,6 +41,18 @@ class RunConfigBase:
     workers: int | None = None
     progress: bool = True
 
+    def check_types(self) -> None:
+        """Every field holds a value of its declared type (a sweep file or a Python caller can pass
+        anything: ``"no"`` for a bool, ``"abc"`` for a learning rate); ints are accepted as floats."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            allowed = typing.get_args(hint) if union else (hint,)
+            if not any(_is_a(value, a) for a in allowed):
+                names = " or ".join("None" if a is type(None) else a.__name__ for a in allowed)
+                raise ValueError(f"{f.name}: expected {names}, got {value!r}")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Any:
         """The config from its stored form (``config.json``'s ``config``); unknown keys are an error."""
@@ -48,6 +62,16 @@ class RunConfigBase:
             raise ValueError(f"{cls.kind} run config: unknown keys {sorted(unknown)}; expected some of "
                              f"{sorted(known)}")
         return cls(**data)
+
+
+def _is_a(value: Any, kind: Any) -> bool:
+    if kind is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 @dataclass
@@ -70,8 +94,9 @@ class Outputs:
 class Plan:
     """A validated run, ready to execute: every input was checked and nothing written yet.
 
-    ``work(directory, resumed)`` does the method's computation inside the run directory under
-    construction (checkpointing there) and returns its :class:`Outputs`."""
+    ``work(directory)`` does the method's computation inside the run directory under construction
+    (checkpointing there, resuming from what an interrupted call left) and returns its
+    :class:`Outputs`."""
 
     identity: RunIdentity
     path: Path  # relative: <dataset>/<backbone>/<method>/<name>
@@ -79,7 +104,7 @@ class Plan:
     classnames: list[str]
     n_bins: int
     title: str
-    work: Callable[[RunDirectory, bool], Outputs]
+    work: Callable[[RunDirectory], Outputs]
     record: dict[str, Any] = field(default_factory=dict)  # extra entries of config.json
     method: str = ""  # display name in reports (default: the config's method)
 
@@ -109,11 +134,17 @@ def dataset_fingerprint(dataset: Dataset, store: FeatureStore) -> str:
 
 
 def device_kind(device: str) -> str:
-    """``cpu`` / ``cuda`` / ``mps`` of a device string (the index does not change results)."""
+    """``cpu`` / ``cuda`` / ``mps`` of a device string (the index does not change results); a device
+    this machine does not have is an error."""
     try:
-        return torch.device(device).type
+        kind = torch.device(device).type
     except RuntimeError as exc:
         raise ValueError(f"device: {device!r} is not a torch device (expected cpu, cuda, cuda:1, ...)") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r}, but this machine has no CUDA device (use cpu)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device: {device!r}, but this machine has no MPS device (use cpu)")
+    return kind
 
 
 def package_versions() -> dict[str, str]:

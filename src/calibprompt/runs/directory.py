@@ -118,11 +118,11 @@ class RunDirectory:
     def finish(self, metrics: dict[str, Any]) -> Path:
         """Write ``metrics.json`` last, drop the checkpoint (and ``parts/``), and move the run to its final name
         (replacing a previous result only now, when the new one is complete)."""
+        write_json(self.path("metrics.json"), metrics)
         for name in CHECKPOINT_FILES:
             self.path(name).unlink(missing_ok=True)
         if self.path("parts").is_dir():  # per-group checkpoints of test-time runs
             shutil.rmtree(self.path("parts"))
-        write_json(self.path("metrics.json"), metrics)
         old = self.final.parent / f".{self.final.name}.old"
         if self.final.exists():
             if old.exists():

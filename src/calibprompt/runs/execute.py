@@ -128,8 +128,8 @@ def execute_run(config: Any, out: str | Path, force: bool = False) -> RunResult:
         if metrics.get("n_bins") != plan.n_bins:  # the same run measured at other bins: no retraining
             metrics = _rebinned(directory.final, metrics, plan.n_bins)
         return RunResult(directory.final, metrics, skipped=True)
-    resumed = directory.begin(plan_record(plan), force=force)
-    outputs = plan.work(directory, resumed)
+    directory.begin(plan_record(plan), force=force)
+    outputs = plan.work(directory)
     metrics = _finalize(directory, outputs, plan)
     final = directory.finish(metrics)
     return RunResult(final, metrics, skipped=False, logs=outputs.logs)

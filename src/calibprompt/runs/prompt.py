@@ -52,7 +52,8 @@ class PromptRunConfig(RunConfigBase):
 
     ``method`` is an objective preset (``ce``, ``calibprompt``, ...) or an objective expression;
     ``warmup_lr=None`` means the protocol's warm-up lr (1e-3 for MedCLIP, else 1e-5);
-    ``val_per_class=None`` means ``max(4, ceil(64 / classes))`` validation images per class.
+    ``val_per_class=None`` means ``max(4, ceil(64 / classes))`` validation images per class (at
+    most what the train pool has left after the few-shot split).
     ``root``, ``weights``, ``cache``, ``device``'s index, ``workers`` and ``progress`` do not
     enter the run's identity (the data and weights enter by content), nor does ``n_bins``: it
     changes how the predictions are measured, not the predictions (a finished run asked for other
@@ -102,6 +103,13 @@ class PromptRunConfig(RunConfigBase):
 
     def validate(self) -> None:
         """Reject values no run can have (before anything is loaded or written)."""
+        from calibprompt.prompts import POSITIONS
+
+        self.check_types()
+        if self.init not in ("random", "words"):
+            raise ValueError(f"init: expected 'random' or 'words', got {self.init!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position: expected one of {', '.join(POSITIONS)}, got {self.position!r}")
         positive = ("shots", "n_ctx", "views", "epochs", "batch_size", "n_bins")
         for name in positive:
             value = getattr(self, name)
@@ -118,6 +126,7 @@ class PromptRunConfig(RunConfigBase):
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision: expected fp32, bf16 or fp16, got {self.precision!r}")
         self.objective()  # an unknown preset or a malformed expression fails here
+        device_kind(self.device)
 
     def effective(self, objective: Any = None, val_per_class: int | None = None) -> dict[str, Any]:
         """The fields that determine the result, defaults resolved; zero-shot runs leave out the
@@ -147,10 +156,17 @@ class PromptRunConfig(RunConfigBase):
         if list(train.classnames) != list(test.classnames):
             raise DataError(f"{self.root}: train classes {list(train.classnames)} differ from test classes "
                             f"{list(test.classnames)}")
+        left = int(counts.min()) - (0 if self.zero_shot else self.shots)  # per class, for validation
+        if left < 1 or (self.val_per_class is not None and self.val_per_class > left):
+            small = [train.classnames[i] for i in np.flatnonzero(counts == counts.min())]
+            raise DataError(f"--val-per-class {self.val_per_class or 'default'}: class(es) {small} of "
+                            f"{self.dataset}/train have {counts.min()} image(s), {left} left for validation "
+                            f"after the few-shot split; use fewer validation images or shots")
+        default_val = min(max(4, int(np.ceil(64 / train.num_classes))), left)
+        val_per_class = self.val_per_class or default_val
         kind = device_kind(self.device)
         backbone = cached_backbone(self.backbone, self.weights, self.device, self.precision)
         store = FeatureStore(self.cache)
-        val_per_class = self.val_per_class or max(4, int(np.ceil(64 / train.num_classes)))
         effective = self.effective(objective, val_per_class)
         identity = RunIdentity(
             kind=self.kind, config=effective,
@@ -158,7 +174,7 @@ class PromptRunConfig(RunConfigBase):
             backbone=backbone.fingerprint, protocol_version=PROTOCOL_VERSION,
             metrics_version=METRICS_VERSION, precision=self.precision, device_kind=kind)
         defaults = PromptRunConfig(self.backbone, self.dataset, self.root, method=self.method).effective(
-            objective, max(4, int(np.ceil(64 / train.num_classes))))
+            objective, default_val)
         head = [f"seed{self.seed}"] if self.zero_shot else [f"{self.shots}shot", f"seed{self.seed}"]
         head += [f"{k}{v:g}" for k, v in (("alpha", self.alpha), ("weight", self.weight)) if v is not None]
         name = run_name(head, effective, defaults, identity.run_id,
@@ -167,7 +183,7 @@ class PromptRunConfig(RunConfigBase):
         path = Path(slug(self.dataset)) / slug(self.backbone) / method_dir / name
         record = {"objective": None if objective is None else objective.to_dict()}
 
-        def work(directory: RunDirectory, resumed: bool) -> Outputs:
+        def work(directory: RunDirectory) -> Outputs:
             return _work(self, directory, backbone, store, train, test, objective, val_per_class)
 
         return Plan(identity, path, asdict(self), list(train.classnames), self.n_bins,

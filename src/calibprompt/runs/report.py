@@ -7,16 +7,19 @@ at one bin count, never read from ``metrics.json``:
 * mean ± std over seeds of accuracy, ECE, MCE, ACE, Brier and NLL, for the uncalibrated
   probabilities ``softmax(z)`` and, where every run of the row fitted a temperature T, for
   ``softmax(z / T)``;
-* a 95 % stratified percentile-bootstrap interval of ECE (of the seed mean when a row has
-  several seeds);
+* a 95 % stratified percentile-bootstrap interval of the seed mean of ECE: every resample is one
+  stratified index set of the row's test set, shared by all seeds of the row (they share one
+  test set);
 * per class: recall and the classwise ECE of that class (and sensitivity / specificity for
   two-class tasks);
 * optionally, the paired-bootstrap difference in accuracy and ECE to a baseline method run on the
   same test set, backbone and settings.
 
 The keys of the identity that differ between rows are named in the report and shown as columns,
-so that a table never silently mixes, say, two datasets with the same name or two epoch budgets.
-Outputs: ``report.md``, ``report.csv``, ``report_per_class.csv``, ``report.tex`` (booktabs) and
+so that a table never silently mixes, say, two datasets with the same name or two epoch budgets;
+every table shows the number of test images ``n`` of a row, and the header lists the keys that
+only some rows have (such as the image limit of test-time runs). Outputs: ``report.md``,
+``report.csv``, ``report_per_class.csv``, ``report.tex`` (booktabs: main and per-class table) and
 one pooled reliability diagram per row; all deterministic (an unchanged rerun writes the same
 bytes).
 """
@@ -43,13 +46,13 @@ from calibprompt.metrics import (
     accuracy,
     ace,
     bin_index,
-    bootstrap,
     brier,
     ece,
     mce,
     nll,
     stratified_bootstrap_indices,
 )
+from calibprompt.runs.identity import SCHEMA_VERSION
 
 __all__ = [
     "CONFIDENCE",
@@ -58,6 +61,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "VARIANTS",
     "Row",
+    "build_report",
     "collect_runs",
     "per_class_ece",
     "per_class_recall",
@@ -65,8 +69,6 @@ __all__ = [
     "write_report",
 ]
 
-#: The run-directory layout this report reads.
-SCHEMA_VERSION = 2
 #: Metrics of the main table, in column order.
 METRICS = ("accuracy", "ece", "mce", "ace", "brier", "nll")
 #: Metrics shown in percent in the Markdown and LaTeX tables (fractions in the CSV files).
@@ -85,6 +87,11 @@ CONFIDENCE = 0.95
 #: Resample indices are generated in blocks of at most this many entries (bounded memory).
 _BLOCK = 2_000_000
 _MISSING = "—"
+#: Columns of the CSV files that precede the varying keys (a varying key of the same name is
+#: labelled ``identity.<key>``, or left out where it repeats the fixed column).
+_FIXED_CSV = ("backbone", "dataset", "method", "kind", "experiment_id")
+#: Columns of the Markdown and LaTeX tables that precede the varying keys.
+_FIXED_TABLE = ("backbone", "dataset", "method")
 _OLD_SCHEMA = "written by an older calibprompt (re-run them)"
 
 
@@ -377,6 +384,28 @@ def _resampled_ece(bins: np.ndarray, residual: np.ndarray, idx: np.ndarray, n_bi
     return np.abs(sums.reshape(r, n_bins)).sum(axis=1) / n
 
 
+def _blocks(n_resamples: int, n: int) -> Iterable[tuple[int, int, int]]:
+    """``(block, start, size)`` of the resample blocks: at most :data:`_BLOCK` indices each."""
+    chunk = max(1, min(n_resamples, _BLOCK // n))
+    for block, start in enumerate(range(0, n_resamples, chunk)):
+        yield block, start, min(chunk, n_resamples - start)
+
+
+def _same_test_set(runs: Sequence[_Run]) -> bool:
+    """Whether all runs have identical ``test_files`` and ``test_labels`` (in the same order)."""
+    first = runs[0]
+    return all(np.array_equal(r.files, first.files) and np.array_equal(r.labels, first.labels)
+               for r in runs[1:])
+
+
+def _test_key(run: _Run) -> str:
+    """A digest of the run's test files and labels (equal digests: the same test set)."""
+    h = hashlib.sha256()
+    h.update("\0".join(run.files.tolist()).encode())
+    h.update(np.ascontiguousarray(run.labels, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------------------------
 # Rows
 # --------------------------------------------------------------------------------------------
@@ -387,7 +416,8 @@ class Row:
     """One experiment (runs that differ in the seed alone) and its recomputed numbers.
 
     ``stats["<variant>.<metric>"]`` = ``{"mean", "std"}`` over seeds (fractions; std with
-    ddof = 0); ``ece_ci[variant]`` = the 95 % bootstrap interval of ECE (of the seed mean);
+    ddof = 0); ``ece_ci[variant]`` = the 95 % percentile-bootstrap interval of the seed mean of
+    ECE (see :func:`summarize`); ``n_test`` = the number of test images of each seed's run;
     ``per_class[variant]`` = one dict per class (index, name, support, recall / classwise ECE
     mean and std); ``two_class[variant]`` = sensitivity and specificity with class 1 positive
     (two-class tasks only); ``baseline_diff`` = the paired difference to the baseline (None
@@ -411,6 +441,7 @@ class Row:
     variants: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     slug: str = ""
+    n_test: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -437,6 +468,8 @@ class _Summary:
     by_method: list[str]
     across: list[str]
     notes: list[str]
+    partial: list[tuple[str, int, list[str]]] = field(default_factory=list)
+    test_sets: list[tuple[str, str, list[int], int]] = field(default_factory=list)
 
 
 def _display(key: str, value: Any, root: str | None) -> str:
@@ -526,15 +559,58 @@ def _varying(groups: list[_Group]) -> tuple[list[str], list[str], list[str]]:
     return columns, by_method, [k for k in across if k not in columns]
 
 
-def _ece_interval(runs: list[_Run], variant: str, n_resamples: int, n_bins: int,
-                  seed: int) -> tuple[float, float]:
-    """Percentile interval of the seed mean of the resampled ECE (one run: that run's
-    ``metrics.bootstrap`` interval)."""
-    samples = [bootstrap("ece", r.probs(variant), r.labels, n_resamples=n_resamples, n_bins=n_bins,
-                         confidence=CONFIDENCE, seed=_stream_seed(seed, r.seed, "ece-interval")).samples
-               for r in runs]
+def _partial_keys(groups: list[_Group], columns: Sequence[str]) -> list[tuple[str, int, list[str]]]:
+    """Keys that only some rows have and that are not columns: ``(key, number of rows that have
+    it, their distinct display values)``."""
+    out = []
+    for key in sorted(set().union(*(g.values for g in groups))) if groups else []:
+        having = [g for g in groups if key in g.values]
+        if key not in columns and len(having) < len(groups):
+            out.append((key, len(having), sorted({g.display[key] for g in having})))
+    return out
+
+
+def _test_sets(groups: list[_Group]) -> list[tuple[str, str, list[int], int]]:
+    """Per backbone and dataset whose rows are not all measured on one test set:
+    ``(backbone, dataset, sorted test-set sizes, number of distinct test sets)``."""
+    blocks: dict[tuple[str, str], list[_Run]] = defaultdict(list)
+    for g in groups:
+        blocks[(g.first.backbone, g.first.dataset)].extend(g.runs)
+    out = []
+    for (backbone, dataset), runs in sorted(blocks.items()):
+        keys = {_test_key(r) for r in runs}
+        if len(keys) > 1:
+            out.append((backbone, dataset, sorted({int(r.labels.shape[0]) for r in runs}), len(keys)))
+    return out
+
+
+def _ece_interval(runs: list[_Run], variant: str, n_resamples: int, n_bins: int, seed: int,
+                  shared: bool) -> tuple[float, float]:
+    """Percentile interval of the seed mean of the resampled ECE.
+
+    ``shared`` (the runs have one test set, as the seeds of one experiment do): resample b is one
+    stratified index set ``idx_b`` drawn from the common labels with
+    :func:`~calibprompt.metrics.stratified_bootstrap_indices` (seeded from ``seed`` and the block
+    alone), the same for every run, and the interval is the percentiles of
+    ``(1/S) sum_s ECE(run_s, idx_b)`` over b; one run: the percentiles of its resampled ECE.
+    Otherwise every run is resampled independently (seeded from ``seed`` and the run's seed).
+    """
+    total = np.zeros(n_resamples)
+    tops = [_top_label(r.probs(variant), r.labels, n_bins) for r in runs]
+    if shared:
+        labels = runs[0].labels
+        for block, start, m in _blocks(n_resamples, labels.shape[0]):
+            idx = stratified_bootstrap_indices(labels, m, seed=_stream_seed(seed, "ece-interval", block))
+            for _, bins, residual in tops:
+                total[start:start + m] += _resampled_ece(bins, residual, idx, n_bins)
+    else:
+        for run, (_, bins, residual) in zip(runs, tops, strict=True):
+            for block, start, m in _blocks(n_resamples, run.labels.shape[0]):
+                idx = stratified_bootstrap_indices(
+                    run.labels, m, seed=_stream_seed(seed, "ece-interval", run.seed, block))
+                total[start:start + m] += _resampled_ece(bins, residual, idx, n_bins)
     alpha = (1.0 - CONFIDENCE) / 2.0
-    low, high = np.quantile(np.mean(samples, axis=0), [alpha, 1.0 - alpha])
+    low, high = np.quantile(total / len(runs), [alpha, 1.0 - alpha])
     return float(low), float(high)
 
 
@@ -552,10 +628,15 @@ def _row(group: _Group, columns: list[str], n_resamples: int, n_bins: int,
     per_class: dict[str, list[dict[str, Any]]] = {}
     two_class: dict[str, dict[str, dict[str, float]]] = {}
     k = first.logits.shape[1]
+    shared = _same_test_set(runs)
+    if not shared:
+        notes.append("the seeds of this experiment have different test files or labels "
+                     f"(n = {'/'.join(str(r.labels.shape[0]) for r in runs)}): its ECE interval "
+                     "resamples each seed independently")
     for variant in variants:
         for name, fn in _METRIC_FUNCTIONS.items():
             stats[f"{variant}.{name}"] = _mean_std([fn(r.probs(variant), r.labels, n_bins) for r in runs])
-        ece_ci[variant] = _ece_interval(runs, variant, n_resamples, n_bins, seed)
+        ece_ci[variant] = _ece_interval(runs, variant, n_resamples, n_bins, seed, shared)
         recalls = np.stack([per_class_recall(r.probs(variant), r.labels) for r in runs])
         eces = np.stack([per_class_ece(r.probs(variant), r.labels, n_bins) for r in runs])
         supports = np.stack([np.bincount(r.labels, minlength=k) for r in runs])
@@ -578,6 +659,7 @@ def _row(group: _Group, columns: list[str], n_resamples: int, n_bins: int,
         varying={key: group.display.get(key, _MISSING) for key in columns},
         stats=stats, ece_ci=ece_ci, per_class=per_class, two_class=two_class or None,
         classnames=list(first.classnames), variants=variants, notes=notes,
+        n_test=[int(r.labels.shape[0]) for r in runs],
     )
 
 
@@ -587,25 +669,42 @@ def _row(group: _Group, columns: list[str], n_resamples: int, n_bins: int,
 
 
 def _paired_difference(pairs: list[tuple[_Run, _Run]], variant: str, n_resamples: int, n_bins: int,
-                       seed: int) -> dict[str, dict[str, float]]:
+                       seed: int, shared: bool) -> dict[str, dict[str, float]]:
     """Point difference (method - baseline, mean over seeds) and paired percentile interval of
-    accuracy and ECE: resample b draws one stratified index set per seed, shared by both."""
+    accuracy and ECE.
+
+    ``shared`` (all runs have one test set): resample b is one stratified index set ``idx_b``,
+    the same for every seed and for method and baseline, and
+    ``Δ_b = (1/S) sum_s [m(method_s, idx_b) - m(baseline_s, idx_b)]``. Otherwise every seed draws
+    its own index sets (shared by its method and baseline runs, which have identical test sets).
+    """
     sums = {"accuracy": np.zeros(n_resamples), "ece": np.zeros(n_resamples)}
     point = {"accuracy": 0.0, "ece": 0.0}
+    tops = []
     for method_run, base_run in pairs:
         y = method_run.labels
         pm, pb = method_run.probs(variant), base_run.probs(variant)
         point["accuracy"] += accuracy(pm, y) - accuracy(pb, y)
         point["ece"] += ece(pm, y, n_bins) - ece(pb, y, n_bins)
-        cm, bm, rm = _top_label(pm, y, n_bins)
-        cb, bb, rb = _top_label(pb, y, n_bins)
-        chunk = max(1, min(n_resamples, _BLOCK // y.shape[0]))
-        for block, start in enumerate(range(0, n_resamples, chunk)):
-            m = min(chunk, n_resamples - start)
-            idx = stratified_bootstrap_indices(y, m, seed=_stream_seed(seed, method_run.seed, "paired", block))
+        tops.append((_top_label(pm, y, n_bins), _top_label(pb, y, n_bins)))
+
+    def add(idx: np.ndarray, start: int, which: list) -> None:
+        m = idx.shape[0]
+        for (cm, bm, rm), (cb, bb, rb) in which:
             sums["accuracy"][start:start + m] += cm[idx].mean(axis=1) - cb[idx].mean(axis=1)
             sums["ece"][start:start + m] += (_resampled_ece(bm, rm, idx, n_bins)
                                              - _resampled_ece(bb, rb, idx, n_bins))
+
+    if shared:
+        labels = pairs[0][0].labels
+        for block, start, m in _blocks(n_resamples, labels.shape[0]):
+            add(stratified_bootstrap_indices(labels, m, seed=_stream_seed(seed, "paired", block)), start, tops)
+    else:
+        for (method_run, _), top in zip(pairs, tops, strict=True):
+            y = method_run.labels
+            for block, start, m in _blocks(n_resamples, y.shape[0]):
+                idx = stratified_bootstrap_indices(y, m, seed=_stream_seed(seed, "paired", method_run.seed, block))
+                add(idx, start, [top])
     alpha = (1.0 - CONFIDENCE) / 2.0
     out = {}
     for name, values in sums.items():
@@ -665,12 +764,20 @@ def _baseline_diffs(rows: list[Row], groups: list[_Group], baseline: str, n_resa
         base_row_variants = [v for v in VARIANTS if all(v in b.variants() for _, b in pairs)]
         variants = [v for v in row.variants if v in base_row_variants
                     and all(v in m.variants() for m, _ in pairs)]
+        # a method run and its baseline run have identical test sets (_baseline_match)
+        shared = _same_test_set([m for m, _ in pairs])
         row.baseline_diff = {
             "baseline": baseline, "status": "ok", "baseline_experiment_id": base.experiment_id,
             "baseline_directories": [b.directory for _, b in pairs],
             "seeds": [m.seed for m, _ in pairs],
-            "variants": {v: _paired_difference(pairs, v, n_resamples, n_bins, seed) for v in variants},
+            "variants": {v: _paired_difference(pairs, v, n_resamples, n_bins, seed, shared)
+                         for v in variants},
         }
+        if not shared:
+            note = ("the seeds have different test files or labels: the baseline interval "
+                    "resamples each seed independently")
+            row.baseline_diff["note"] = note
+            row.notes.append(note)
 
 
 # --------------------------------------------------------------------------------------------
@@ -735,7 +842,7 @@ def _summary(root: str | os.PathLike[str], n_resamples: int, n_bins: int, baseli
     notes = [f"{r.backbone} / {r.dataset} / {r.method} ({r.experiment_id[:8]}): {n}"
              for r in rows for n in r.notes]
     return _Summary(base, rows, groups, sum(len(g.runs) for g in groups), skipped, columns, by_method,
-                    across, notes)
+                    across, notes, _partial_keys(groups, columns), _test_sets(groups))
 
 
 def summarize(root: str | os.PathLike[str], n_resamples: int = 1000, n_bins: int = 15,
@@ -744,11 +851,15 @@ def summarize(root: str | os.PathLike[str], n_resamples: int = 1000, n_bins: int
     """One :class:`Row` per experiment below ``root``, sorted by backbone, dataset, method and
     the varying keys; every number recomputed from ``predictions.npz`` at ``n_bins`` bins.
 
-    Per variant v and metric m, ``stats["v.m"]`` holds the mean and std (ddof = 0) over seeds.
-    ``ece_ci[v]`` is the 95 % stratified percentile-bootstrap interval with ``n_resamples``
-    resamples: for one seed the run's own interval (``metrics.bootstrap``, seeded from ``seed``
-    and the run's seed), for S seeds the percentiles of ``(1/S) sum_s ECE_s(resample b)`` with
-    each run resampled independently. With ``baseline``, ``baseline_diff`` holds the paired
+    Per variant v and metric m, ``stats["v.m"]`` holds the mean and std (ddof = 0) over seeds;
+    ``n_test`` the number of test images of each seed. ``ece_ci[v]`` is the 95 % stratified
+    percentile-bootstrap interval of the seed mean of ECE with ``n_resamples`` resamples: the
+    seeds of a row share one test set, so resample b is one stratified index set ``idx_b`` of it
+    (:func:`~calibprompt.metrics.stratified_bootstrap_indices`, seeded from ``seed`` alone),
+    shared by all S seeds, and the interval is the 2.5 / 97.5 percentiles of
+    ``(1/S) sum_s ECE(run_s, idx_b)`` over b (S = 1: of the run's resampled ECE). Should the
+    seeds of a row have different test files or labels, each is resampled independently and
+    the row gets a note. With ``baseline``, ``baseline_diff`` holds the paired
     difference (see :func:`write_report`). ``runs`` restricts the report to these run
     directories (e.g. those of one sweep) instead of every run below ``root``; paths in the report
     stay relative to ``root``. Raises ``ValueError`` for invalid arguments, a root without runs or
@@ -782,9 +893,52 @@ def _cell(row: Row, variant: str, metric: str, latex: bool = False) -> str:
     return mean if len(row.seeds) == 1 else f"{mean} ± {std}"
 
 
-def _class_cell(stat: dict[str, float], n_seeds: int) -> str:
+def _class_cell(stat: dict[str, float], n_seeds: int, latex: bool = False) -> str:
     mean, std = _pct(stat["mean"]), _pct(stat["std"])
+    if latex:
+        if mean == _MISSING:
+            return "---"
+        return f"${mean}$" if n_seeds == 1 else f"${mean} \\pm {std}$"
     return mean if n_seeds == 1 or mean == _MISSING else f"{mean} ± {std}"
+
+
+def _n_cell(row: Row, sep: str = "/") -> str:
+    """Test images of the row: one number, or one per seed (in seed order) where they differ."""
+    sizes = sorted(set(row.n_test))
+    return str(sizes[0]) if len(sizes) == 1 else sep.join(map(str, row.n_test))
+
+
+def _support(support: int | list[int], sep: str = "/") -> str | int:
+    return support if isinstance(support, int) else sep.join(map(str, support))
+
+
+def _table_label(key: str) -> str:
+    """Column label of a varying key in the Markdown / LaTeX tables (never a fixed column's name)."""
+    return f"identity.{key}" if key in _FIXED_TABLE else key
+
+
+def _fixed_values(row: Row) -> dict[str, str]:
+    return {"backbone": row.backbone, "dataset": row.dataset, "method": row.method, "kind": row.kind,
+            "experiment_id": row.experiment_id}
+
+
+def _csv_columns(s: _Summary) -> list[tuple[str, str]]:
+    """``(key, label)`` of the varying keys in the CSV files. A key named like a fixed column is
+    left out where it repeats that column in every row, and labelled ``identity.<key>``
+    otherwise: no column name appears twice."""
+    out = []
+    for key in s.columns:
+        if key not in _FIXED_CSV:
+            out.append((key, key))
+        elif not all(r.varying[key] == _fixed_values(r)[key]
+                     or (r.varying[key] == _MISSING and not _fixed_values(r)[key]) for r in s.rows):
+            out.append((key, f"identity.{key}"))
+    return out
+
+
+def _csv_value(value: str) -> str:
+    """A varying key's CSV cell: empty where the key does not apply (never the table's dash)."""
+    return "" if value == _MISSING else value
 
 
 def _interval(low: float, high: float, signed: bool = False) -> str:
@@ -864,23 +1018,41 @@ def _header_lines(s: _Summary, n_resamples: int, n_bins: int, baseline: str | No
         "- **Variants:** uncalibrated = softmax(test_logits); + TS = softmax(test_logits / T) with "
         "the temperature T each run fitted (reported only where every run of the row has one).",
         f"- **ECE 95 % CI:** stratified percentile bootstrap (every class keeps its count), "
-        f"{n_resamples} resamples, seeded from report seed {seed} and the run's seed. One seed: that "
-        "run's interval. Several seeds: the same number of resamples per run, each run resampled "
-        "independently, and the 2.5 / 97.5 percentiles of the seed mean of the resampled ECE. "
-        "Binned ECE is biased upwards and resampling (duplicated images) adds to that bias, so the "
-        "interval can lie above the estimate.",
+        f"{n_resamples} resamples, seeded from report seed {seed}. The seeds of a row share one test "
+        "set, so each resample is one index set of that test set, the same for every seed of the "
+        "row; the interval is the 2.5 / 97.5 percentiles over resamples of the seed mean of the "
+        "resampled ECE (one seed: of that run's resampled ECE). Binned ECE is biased upwards and "
+        "resampling (duplicated images) adds to that bias, so the interval can lie above the point "
+        "estimate, which then lies outside it.",
+        "- **n:** test images of the row (one number per seed, in the order of the seeds column, "
+        "where they differ). Rows with different n or data columns were measured on different "
+        "test sets and are not comparable.",
     ]
     if s.columns:
-        lines.append(f"- **Keys that differ between rows** (shown as columns): {_keys(s.columns)}.")
+        labelled = ", ".join(f"`{k}`" + (f" (column `{_table_label(k)}`)" if _table_label(k) != k else "")
+                             for k in s.columns)
+        lines.append(f"- **Keys that differ between rows** (shown as columns): {labelled}.")
     else:
         lines.append("- **Keys that differ between rows:** none besides backbone, dataset and method.")
+    if s.partial:
+        described = []
+        for key, count, values in s.partial:
+            shown = ", ".join(values[:4]) + (", …" if len(values) > 4 else "")
+            described.append(f"`{key}` ({count} of {len(s.rows)} rows: {shown})")
+        lines.append("- **Keys that only some rows have** (equal wherever present, so not columns; "
+                     "the other rows lack them): " + "; ".join(described) + ".")
+    for backbone, dataset, sizes, count in s.test_sets:
+        lines.append(f"- **{backbone} / {dataset}: rows on {count} different test sets** "
+                     f"(n = {', '.join(map(str, sizes))}): compare only rows with equal `n` and data "
+                     "columns (a run limited to part of the test split has fewer images).")
     if s.by_method:
         lines.append(f"- Method settings that the method name determines: {_keys(s.by_method)}.")
     if s.across:
         lines.append(f"- Keys that differ only between backbones or datasets: {_keys(s.across)}.")
     lines.append("- Data columns show the dataset root and the first 8 hex digits of the content "
-                 "fingerprint; `backbone` the first 8 hex digits of the weights' fingerprint; "
-                 f"{_MISSING} = the setting does not apply to that row's method.")
+                 "fingerprint; the `backbone` key (column `identity.backbone`) the first 8 hex digits "
+                 f"of the weights' fingerprint; {_MISSING} = the setting does not apply to that row's "
+                 "method.")
     lines.append("- Reliability diagrams pool the uncalibrated predictions of all seeds of a row; their "
                  "ECE is that of the pooled predictions, not the seed mean of the table.")
     if old:
@@ -900,11 +1072,12 @@ def _identifying(row: Row, columns: Sequence[str]) -> list[str]:
 
 def _markdown(s: _Summary, n_resamples: int, n_bins: int, baseline: str | None, seed: int) -> str:
     lines = _header_lines(s, n_resamples, n_bins, baseline, seed)
-    ident = ["backbone", "dataset", "method", *s.columns]
+    ident = [*_FIXED_TABLE, *map(_table_label, s.columns)]
     lines += ["", "## Results", ""]
     lines += _md_table(
-        [*ident, "seeds", "variant", "acc %", "ECE %", "ECE 95 % CI", "MCE %", "ACE %", "Brier", "NLL"],
-        ([*_identifying(r, s.columns), ", ".join(map(str, r.seeds)), VARIANT_LABELS[v],
+        [*ident, "seeds", "n", "variant", "acc %", "ECE %", "ECE 95 % CI", "MCE %", "ACE %", "Brier",
+         "NLL"],
+        ([*_identifying(r, s.columns), ", ".join(map(str, r.seeds)), _n_cell(r), VARIANT_LABELS[v],
           _cell(r, v, "accuracy"), _cell(r, v, "ece"), _interval(*r.ece_ci[v]),
           *(_cell(r, v, m) for m in METRICS[2:])] for r in s.rows for v in r.variants))
 
@@ -915,8 +1088,7 @@ def _markdown(s: _Summary, n_resamples: int, n_bins: int, baseline: str | None, 
               ""]
     lines += _md_table(
         [*ident, "variant", "class", "n", "recall %", "classwise ECE %"],
-        ([*_identifying(r, s.columns), VARIANT_LABELS[v], c["name"],
-          c["support"] if isinstance(c["support"], int) else "/".join(map(str, c["support"])),
+        ([*_identifying(r, s.columns), VARIANT_LABELS[v], c["name"], _support(c["support"]),
           _class_cell(c["recall"], len(r.seeds)), _class_cell(c["classwise_ece"], len(r.seeds))]
          for r in s.rows for v in r.variants for c in r.per_class[v]))
     binary = [(r, r.two_class) for r in s.rows if r.two_class]
@@ -936,8 +1108,9 @@ def _markdown(s: _Summary, n_resamples: int, n_bins: int, baseline: str | None, 
                   "labels), the same backbone and identical settings apart from the method's own keys "
                   f"({_keys(METHOD_KEYS)}) and keys only one of them has. Point value: mean over shared "
                   "seeds of the difference on the full test set. Interval: paired stratified bootstrap, "
-                  f"{n_resamples} resamples; each resample draws one index set per seed, shared by method "
-                  "and baseline, and takes the mean over seeds of the difference; 2.5 / 97.5 percentiles.",
+                  f"{n_resamples} resamples; each resample draws one index set of the common test set, "
+                  "shared by all seeds and by method and baseline, and takes the mean over seeds of the "
+                  "difference; 2.5 / 97.5 percentiles.",
                   ""]
         body = []
         for r in s.rows:
@@ -959,8 +1132,9 @@ def _markdown(s: _Summary, n_resamples: int, n_bins: int, baseline: str | None, 
 
 
 def _csv_main(s: _Summary, n_resamples: int, n_bins: int, baseline: str | None) -> str:
-    header = ["backbone", "dataset", "method", "kind", "experiment_id", *s.columns, "variant", "seeds",
-              "n_runs", "n_bins"]
+    columns = _csv_columns(s)
+    header = [*_FIXED_CSV, *(label for _, label in columns), "variant", "seeds", "n_runs", "n_test",
+              "n_bins"]
     for m in METRICS:
         header += [f"{m}_mean", f"{m}_std"]
     header += ["ece_ci_low", "ece_ci_high", "n_resamples"]
@@ -972,8 +1146,8 @@ def _csv_main(s: _Summary, n_resamples: int, n_bins: int, baseline: str | None) 
     for r in s.rows:
         for v in r.variants:
             line: list[Any] = [r.backbone, r.dataset, r.method, r.kind, r.experiment_id,
-                               *(r.varying[k] for k in s.columns), v, " ".join(map(str, r.seeds)),
-                               len(r.seeds), n_bins]
+                               *(_csv_value(r.varying[k]) for k, _ in columns), v,
+                               " ".join(map(str, r.seeds)), len(r.seeds), _n_cell(r, " "), n_bins]
             for m in METRICS:
                 line += [r.stats[f"{v}.{m}"]["mean"], r.stats[f"{v}.{m}"]["std"]]
             line += [r.ece_ci[v][0], r.ece_ci[v][1], n_resamples]
@@ -983,7 +1157,7 @@ def _csv_main(s: _Summary, n_resamples: int, n_bins: int, baseline: str | None) 
                     dv = d["variants"][v]
                     line += [baseline, d["baseline_experiment_id"], " ".join(map(str, d["seeds"])),
                              dv["accuracy"]["diff"], dv["accuracy"]["low"], dv["accuracy"]["high"],
-                             dv["ece"]["diff"], dv["ece"]["low"], dv["ece"]["high"], ""]
+                             dv["ece"]["diff"], dv["ece"]["low"], dv["ece"]["high"], d.get("note", "")]
                 else:
                     note = {"baseline": "this is the baseline", "ok": "baseline lacks this variant"}.get(
                         d.get("status", ""), d.get("reason", ""))
@@ -993,18 +1167,19 @@ def _csv_main(s: _Summary, n_resamples: int, n_bins: int, baseline: str | None) 
 
 
 def _csv_per_class(s: _Summary, n_bins: int) -> str:
-    header = ["backbone", "dataset", "method", "kind", "experiment_id", *s.columns, "variant", "seeds",
-              "n_runs", "n_bins", "class_index", "class", "support", "recall_mean", "recall_std",
+    columns = _csv_columns(s)
+    header = [*_FIXED_CSV, *(label for _, label in columns), "variant", "seeds", "n_runs", "n_test",
+              "n_bins", "class_index", "class", "support", "recall_mean", "recall_std",
               "classwise_ece_mean", "classwise_ece_std", "positive_class", "sensitivity_mean",
               "sensitivity_std", "specificity_mean", "specificity_std"]
     lines = []
     for r in s.rows:
         for v in r.variants:
             for c in r.per_class[v]:
-                support = c["support"] if isinstance(c["support"], int) else " ".join(map(str, c["support"]))
                 line: list[Any] = [r.backbone, r.dataset, r.method, r.kind, r.experiment_id,
-                                   *(r.varying[k] for k in s.columns), v, " ".join(map(str, r.seeds)),
-                                   len(r.seeds), n_bins, c["index"], c["name"], support,
+                                   *(_csv_value(r.varying[k]) for k, _ in columns), v,
+                                   " ".join(map(str, r.seeds)), len(r.seeds), _n_cell(r, " "), n_bins,
+                                   c["index"], c["name"], _support(c["support"], " "),
                                    c["recall"]["mean"], c["recall"]["std"],
                                    c["classwise_ece"]["mean"], c["classwise_ece"]["std"]]
                 if r.two_class:
@@ -1017,62 +1192,67 @@ def _csv_per_class(s: _Summary, n_bins: int) -> str:
     return _csv(header, lines)
 
 
+def _latex_table(caption: str, label: str, spec: str, header: Sequence[str],
+                 body: Iterable[Sequence[str]]) -> list[str]:
+    """One booktabs table (cells already LaTeX)."""
+    lines = ["\\begin{table}[htbp]", "\\centering", "\\small", f"\\caption{{{caption}}}",
+             f"\\label{{{label}}}", f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
+             " & ".join(header) + " \\\\", "\\midrule"]
+    lines += [" & ".join(cells) + " \\\\" for cells in body]
+    return [*lines, "\\bottomrule", "\\end{tabular}", "\\end{table}"]
+
+
 def _latex(s: _Summary, n_resamples: int, n_bins: int, baseline: str | None) -> str:
-    ident = ["Backbone", "Dataset", "Method", *s.columns]
-    header = [*ident, "Seeds", "Variant", r"Acc.\ (\%)", r"ECE (\%)", r"ECE 95\,\% CI", r"MCE (\%)",
-              r"ACE (\%)", "Brier", "NLL"]
+    ident = [_tex(h) for h in ("Backbone", "Dataset", "Method", *map(_table_label, s.columns))]
+    header = [*ident, "Seeds", "$n$", "Variant", r"Acc.\ (\%)", r"ECE (\%)", r"ECE 95\,\% CI",
+              r"MCE (\%)", r"ACE (\%)", "Brier", "NLL"]
     if baseline is not None:
         header += [r"$\Delta$Acc.\ (pp)", r"$\Delta$ECE (pp)"]
-    n_text = len(ident) + 2
-    spec = "l" * n_text + "r" * (len(header) - n_text)
-    caption = (f"Mean $\\pm$ std over seeds, recomputed at {n_bins} equal-width bins; ECE interval: "
-               f"95\\,\\% stratified percentile bootstrap ({n_resamples} resamples; of the seed mean "
-               "for several seeds). TS: temperature scaling.")
+    spec = "l" * (len(ident) + 1) + "rl" + "r" * (len(header) - len(ident) - 3)
+    caption = (f"Mean $\\pm$ std over seeds, recomputed at {n_bins} equal-width bins; $n$: test images "
+               "(per seed where they differ); ECE interval: 95\\,\\% stratified percentile bootstrap "
+               f"({n_resamples} resamples; of the seed mean, one index set per resample shared by the "
+               "seeds). TS: temperature scaling.")
     if baseline is not None:
         caption += (f" $\\Delta$: method $-$ {_tex(baseline)} in percentage points with a paired "
                     "bootstrap 95\\,\\% interval.")
-    lines = ["% calibprompt report; requires \\usepackage{booktabs}", "\\begin{table}[htbp]",
-             "\\centering", "\\small", f"\\caption{{{caption}}}", "\\label{tab:calibprompt-report}",
-             f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
-             " & ".join(h if i >= len(ident) else _tex(h) for i, h in enumerate(header)) + " \\\\",
-             "\\midrule"]
+    body = []
     for r in s.rows:
         for v in r.variants:
             low, high = r.ece_ci[v]
             cells = [_tex(c) for c in _identifying(r, s.columns)]
-            cells += [", ".join(map(str, r.seeds)), _tex(VARIANT_LABELS[v]),
+            cells += [", ".join(map(str, r.seeds)), _n_cell(r), _tex(VARIANT_LABELS[v]),
                       _cell(r, v, "accuracy", True), _cell(r, v, "ece", True),
                       f"$[{_pct(low)}, {_pct(high)}]$", *(_cell(r, v, m, True) for m in METRICS[2:])]
             if baseline is not None:
                 cells += [_diff_cell(r.baseline_diff, v, "accuracy", True),
                           _diff_cell(r.baseline_diff, v, "ece", True)]
-            lines.append(" & ".join(cells) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+            body.append(cells)
+    lines = ["% calibprompt report; requires \\usepackage{booktabs}",
+             *_latex_table(caption, "tab:calibprompt-report", spec, header, body), ""]
+
+    class_header = [*ident, "Variant", "Class", "$n$", r"Recall (\%)", r"Classwise ECE (\%)"]
+    class_spec = "l" * (len(ident) + 2) + "rrr"
+    class_caption = ("Per class: recall (accuracy on the test images of the class) and classwise ECE "
+                     f"of the class at {n_bins} equal-width bins, in \\%, mean $\\pm$ std over seeds; "
+                     "$n$: test images of the class (per seed where they differ).")
+    class_body = [[*(_tex(c) for c in _identifying(r, s.columns)), _tex(VARIANT_LABELS[v]),
+                   _tex(c["name"]), str(_support(c["support"])),
+                   _class_cell(c["recall"], len(r.seeds), True),
+                   _class_cell(c["classwise_ece"], len(r.seeds), True)]
+                  for r in s.rows for v in r.variants for c in r.per_class[v]]
+    lines += _latex_table(class_caption, "tab:calibprompt-report-per-class", class_spec, class_header,
+                          class_body)
     return "\n".join(lines) + "\n"
 
 
-def write_report(root: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+def build_report(root: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
                  n_resamples: int = 1000, n_bins: int = 15, baseline: str | None = None,
                  seed: int = 0, *, runs: Iterable[str | os.PathLike[str]] | None = None,
-                 ) -> dict[str, Path]:
-    """Write the report of the runs below ``root`` into ``out`` (default ``root``; created).
-
-    Files: ``report.md`` (header: counts, n_bins, bootstrap method, varying keys, skipped runs;
-    main table, per-class table, baseline differences), ``report.csv`` (one line per row and
-    variant), ``report_per_class.csv`` (one line per row, variant and class), ``report.tex``
-    (booktabs table) and ``reliability_<slug>.png`` per row (uncalibrated probabilities of all
-    seeds concatenated). Numbers as in :func:`summarize`.
-
-    With ``baseline`` (a method name), every other row is paired with the baseline experiment on
-    the same test set (data fingerprint, identical ``test_files`` and ``test_labels``), backbone
-    and settings (identities equal except :data:`METHOD_KEYS` and keys only one has), on the
-    seeds S both have: ``Δ = (1/|S|) sum_s [m(method_s) - m(baseline_s)]`` for accuracy and ECE,
-    with the 95 % percentile interval of ``Δ_b`` over resamples b, each drawing one stratified
-    index set per seed shared by method and baseline. ``runs`` restricts the report to these
-    run directories (see :func:`summarize`). Returns ``{"markdown", "csv",
-    "per_class_csv", "latex", "reliability_<slug>"...}`` → path. Deterministic: an unchanged
-    rerun writes identical bytes.
-    """
+                 ) -> tuple[list[Row], dict[str, Path]]:
+    """Write the report of the runs below ``root`` into ``out`` (default ``root``; created) and
+    return its rows (as :func:`summarize` returns them) and the written files (as
+    :func:`write_report` returns them): the report is computed once."""
     from calibprompt.plots import plot_reliability
 
     summary = _summary(root, n_resamples, n_bins, baseline, seed, runs)
@@ -1095,4 +1275,33 @@ def write_report(root: str | os.PathLike[str], out: str | os.PathLike[str] | Non
                          title=f"{row.backbone} / {row.dataset} / {row.method}{settings}\n"
                                f"uncalibrated, pooled over seeds {seeds}")
         written[f"reliability_{row.slug}"] = path
-    return written
+    return summary.rows, written
+
+
+def write_report(root: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                 n_resamples: int = 1000, n_bins: int = 15, baseline: str | None = None,
+                 seed: int = 0, *, runs: Iterable[str | os.PathLike[str]] | None = None,
+                 ) -> dict[str, Path]:
+    """Write the report of the runs below ``root`` into ``out`` (default ``root``; created).
+
+    Files: ``report.md`` (header: counts, n_bins, bootstrap method, varying keys, skipped runs;
+    main table, per-class table, baseline differences), ``report.csv`` (one line per row and
+    variant), ``report_per_class.csv`` (one line per row, variant and class), ``report.tex``
+    (booktabs: main table, then per-class table) and ``reliability_<slug>.png`` per row
+    (uncalibrated probabilities of all seeds concatenated). Every table shows the number of test
+    images of a row (``n``; ``n_test`` in the CSV files, one per seed where they differ); CSV
+    cells of settings that do not apply to a row are empty. Numbers as in :func:`summarize`.
+
+    With ``baseline`` (a method name), every other row is paired with the baseline experiment on
+    the same test set (data fingerprint, identical ``test_files`` and ``test_labels``), backbone
+    and settings (identities equal except :data:`METHOD_KEYS` and keys only one has), on the
+    seeds S both have: ``Δ = (1/|S|) sum_s [m(method_s) - m(baseline_s)]`` for accuracy and ECE,
+    with the 95 % percentile interval of ``Δ_b = (1/|S|) sum_s [m(method_s, idx_b) -
+    m(baseline_s, idx_b)]`` over resamples b, each one stratified index set ``idx_b`` of the
+    common test set shared by all seeds and by method and baseline (seeds with different test
+    sets: one index set per seed, and a note). ``runs`` restricts the report to these run
+    directories (see :func:`summarize`). Returns ``{"markdown", "csv", "per_class_csv", "latex",
+    "reliability_<slug>"...}`` → path (the files of :func:`build_report`, which also returns the
+    rows). Deterministic: an unchanged rerun writes identical bytes.
+    """
+    return build_report(root, out, n_resamples, n_bins, baseline, seed, runs=runs)[1]

@@ -103,10 +103,14 @@ def load_sweep(path: str | Path) -> tuple[list[Any], Path]:
                 backbone=b["name"], weights=b.get("weights"), dataset=d["name"],
                 root=str(Path(d["root"]).expanduser()), method=str(m), seed=int(s),
                 **common, **dict(zip(grid_keys, values, strict=True))))
-        except TypeError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc} (in backbone {b['name']!r}, dataset {d['name']!r}, method {m!r}, "
+                             f"seed {s!r})") from exc
     for config in configs:  # fail on a bad value before the first run starts
-        config.resolved() if hasattr(config, "resolved") else config.validate()
+        try:
+            config.resolved() if hasattr(config, "resolved") else config.validate()
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
     for name, root in dict.fromkeys((c.dataset, c.root) for c in configs):  # and on a bad data root
         load_dataset(name, root, "test")
     return configs, Path(spec.get("out", "runs"))

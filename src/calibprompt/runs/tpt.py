@@ -43,8 +43,9 @@ from calibprompt.runs.identity import RunIdentity, run_name
 
 __all__ = ["METHOD_DEFAULTS", "PROTOCOLS", "PROTOCOL_VERSION", "TPTRunConfig"]
 
-#: Bumped when the test-time procedure changes its results.
-PROTOCOL_VERSION = 1
+#: Bumped when the test-time procedure changes its results (2: ``limit`` draws a class-stratified
+#: subset instead of the first files of the sorted listing).
+PROTOCOL_VERSION = 2
 
 #: Regulariser weights of the published methods; SoC's delta/lambda come from the sweep recorded
 #: in docs/tpt.md (its paper does not publish them).
@@ -74,7 +75,7 @@ NON_EFFECTIVE = ("root", "weights", "device", "cache", "workers", "batch_size", 
                  "precision", "init_prompt", "n_bins")
 
 #: Fields of the adaptation step, which zero-shot does not take (not part of its identity).
-ADAPTATION_FIELDS = ("lam", "delta", "selection", "steps", "lr", "weight_decay")
+ADAPTATION_FIELDS = ("lam", "delta", "selection", "steps", "lr", "weight_decay", "views", "augmix")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ class TPTRunConfig(RunConfigBase):
 
     def resolved(self) -> TPTRunConfig:
         """Every ``None`` filled from the protocol and the method; validated."""
+        self.check_types()
+        device_kind(self.device)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol: expected one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
         if self.method not in METHOD_DEFAULTS:
@@ -123,6 +126,10 @@ class TPTRunConfig(RunConfigBase):
         for name in ("limit", "val_per_class"):
             if getattr(out, name) is not None and getattr(out, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(out, name)}")
+        if not out.lr > 0:
+            raise ValueError(f"lr: expected a positive learning rate, got {out.lr}")
+        if out.weight_decay < 0:
+            raise ValueError(f"weight_decay: expected a non-negative value, got {out.weight_decay}")
         if out.seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {out.seed}")
         if out.method == "zeroshot" and out.steps != 0:
@@ -151,6 +158,9 @@ class TPTRunConfig(RunConfigBase):
         if train is not None and list(train.classnames) != list(test.classnames):
             raise DataError(f"{config.root}: train classes {list(train.classnames)} differ from test classes "
                             f"{list(test.classnames)}")
+        if train is not None and config.val_per_class > train.class_counts().min():
+            raise DataError(f"--val-per-class {config.val_per_class}: {config.dataset}/train has only "
+                            f"{train.class_counts().min()} image(s) in its smallest class")
         backbone = cached_backbone(config.backbone, config.weights, config.device, config.precision)
         learner, prompt_digest = _initial_learner(backbone, list(test.classnames), config)
         store = FeatureStore(config.cache)
@@ -172,7 +182,7 @@ class TPTRunConfig(RunConfigBase):
         record = {"tpt": config.tpt_config().to_dict(), "protocol": config.protocol,
                   "init_prompt_digest": prompt_digest}
 
-        def work(directory: RunDirectory, resumed: bool) -> Outputs:
+        def work(directory: RunDirectory) -> Outputs:
             return _work(config, directory, backbone, store, learner, test, train)
 
         return Plan(identity, path, asdict(self), list(test.classnames), config.n_bins,
@@ -186,10 +196,29 @@ class TPTRunConfig(RunConfigBase):
         config = self.resolved()
         learner = _learner_from_file(backbone, Path(directory) / "prompt.safetensors",
                                      json.loads((Path(directory) / "config.json").read_text())["classnames"])
-        views = store.test_time_views(backbone, paths, config.views, augmix=config.augmix,
+        views = store.test_time_views(backbone, paths, _views(config), augmix=config.augmix,
                                       aug_seed=config.seed, num_workers=workers, progress=progress)
         logits = _adapt(learner, views.features, config, progress, "adapting")
         return logits, views.index, views.excluded
+
+
+def stratified_subset(labels: np.ndarray, limit: int) -> np.ndarray:
+    """Positions of ``limit`` images with every class in proportion, the same for every seed and
+    method (so that runs limited to a subset stay comparable): each class is put in a fixed random
+    order (generator seed 0) and its r-th image gets the key (r + 0.5) / n_class; the ``limit``
+    smallest keys are taken (ties by position), returned in listing order."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(0)
+    keys = np.empty(len(labels))
+    for c in np.unique(labels):
+        index = np.flatnonzero(labels == c)
+        keys[index[rng.permutation(len(index))]] = (np.arange(len(index)) + 0.5) / len(index)
+    return np.sort(np.argsort(keys, kind="stable")[:limit])
+
+
+def _views(config: TPTRunConfig) -> int:
+    """Views to encode: zero-shot classifies the original view only."""
+    return 1 if config.method == "zeroshot" else config.views
 
 
 def _learner_from_file(backbone: Any, path: Path, classnames: list[str]):
@@ -296,8 +325,8 @@ def _work(config: TPTRunConfig, directory: RunDirectory, backbone: Any, store: F
           "progress": config.progress}
 
     def run_split(name: str, dataset: Any) -> tuple[np.ndarray, Any, float, int]:
-        paths = dataset.paths[: config.limit] if (config.limit and name == "test") else dataset.paths
-        views = store.test_time_views(backbone, paths, config.views, **kw)
+        paths = dataset.paths
+        views = store.test_time_views(backbone, paths, _views(config), **kw)
         tables.update(views.tables)
         done = _done_parts(parts, name)
 
@@ -317,6 +346,8 @@ def _work(config: TPTRunConfig, directory: RunDirectory, backbone: Any, store: F
         val_logits, val_views, _, _ = run_split("val", val)
         val_out = {"val_logits": val_logits, "val_labels": val.labels[val_views.index],
                    "val_files": [val.files[i] for i in val_views.index]}
+    if config.limit:
+        test = test.subset(stratified_subset(test.labels, config.limit), split=test.split)
     test_logits, views, seconds, adapted = run_split("test", test)
     write_json(directory.path("cache_tables.json"), sorted(tables))
     return Outputs(
