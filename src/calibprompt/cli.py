@@ -51,7 +51,7 @@ A finished run is skipped (--force redoes it); an interrupted one resumes.""",
   calibprompt tpt --backbone quiltnet --dataset kather --root ~/data --method tpt \
       --init-prompt runs/kather/quiltnet/ce/16shot-seed1-0123456789       # TPT + CoOp
 
-Default protocol (SPEC §7, --protocol published): 64 views (original + 63 RandomResizedCrop +
+Default protocol (the published TPT protocol, --protocol published): 64 views (original + 63 RandomResizedCrop +
 flip + AugMix), 4 context vectors from "a photo of a", the 10%% lowest-entropy views, one AdamW
 step (lr 5e-3), fp16 autocast on CUDA, ECE with 20 bins. Regulariser weights: C-TPT 50, O-TPT 18,
 SoC see docs/tpt.md. Every method run with the same --seed sees the same cached views; each

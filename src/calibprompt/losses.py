@@ -1,4 +1,4 @@
-"""Training losses and test-time regularisers (SPEC.md §2), as plain torch functions.
+"""Training losses and test-time regularisers, as plain torch functions (formulas in each docstring).
 
 Every function is vectorised over samples and classes, runs on whatever device its inputs live
 on, and returns a scalar tensor. ``logits`` are the *scaled* logits ``z = s * f_img @ T.T``

@@ -205,7 +205,7 @@ def _validate_term(term: Term, source: str) -> None:
 # Presets
 # --------------------------------------------------------------------------------------------
 
-#: CalibPrompt's per-backbone / per-dataset (alpha for LS and SMAC, AS weight), SPEC.md §6.
+#: CalibPrompt's per-backbone / per-dataset (alpha for LS and SMAC, AS weight), as published with CalibPrompt (BMVC 2025).
 #: Tuned against test results in the published work.
 CALIBPROMPT_HYPERPARAMETERS: dict[tuple[str, str], tuple[float, float]] = {
     ("medclip", "covid"): (0.2, 1.0),

@@ -2,7 +2,7 @@
 
 - CLIP-style (PLIP, QuiltNet, BiomedCLIP, open_clip): evaluation = resize the shorter side to
   ``size`` (bicubic) + centre crop + RGB + normalise with the checkpoint's mean/std -- open_clip's
-  own evaluation transform; training = the prompt-tuning augmentation of SPEC.md §6,
+  own evaluation transform; training = the prompt-tuning augmentation of CoOp / CalibPrompt,
   RandomResizedCrop(size, scale 0.08–1, bicubic) + horizontal flip.
 - MedCLIP: grayscale, zero-padded to a square (at least ``size``), resized to ``size`` x ``size``
   (bilinear, as its evaluation dataset), normalised with its single-channel mean/std and repeated
@@ -102,7 +102,7 @@ def medclip_transform(size: int = 224, train: bool = False) -> T.Compose:
                       T.Normalize((MEDCLIP_MEAN,), (MEDCLIP_STD,)), RepeatChannels()])
 
 
-# -- test-time views (TPT, SPEC.md §7) ----------------------------------------------------------
+# -- test-time views (TPT, Shu et al. 2022) ----------------------------------------------------------
 def _uniform(low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand(()))
 

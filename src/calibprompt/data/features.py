@@ -316,7 +316,7 @@ class FeatureStore:
         augmix: bool = True, aug_seed: int = 0, batch_size: int = 64, num_workers: int | None = None,
         strict: bool = False, progress: bool = True,
     ) -> FeatureResult:
-        """Features (N_ok, V, D) of TPT's ``views`` views per image (SPEC.md §7): view 0 is the
+        """Features (N_ok, V, D) of TPT's ``views`` views per image (Shu et al. 2022): view 0 is the
         evaluation transform (the same cache table as :meth:`features`), views 1..V-1 are
         :func:`~calibprompt.backbones.transforms.tpt_view_transform` under the seed
         ``view_seed(image hash, v, aug_seed)``. Every method and hyperparameter evaluated on

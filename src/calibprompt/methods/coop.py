@@ -1,6 +1,6 @@
 """Few-shot prompt tuning (CoOp) with any Objective, on cached image features.
 
-Protocol of CalibPrompt / CoOp (SPEC.md §6), the defaults of :class:`TrainConfig`: SGD lr 0.002,
+Protocol of CalibPrompt / CoOp (Zhou et al. 2022, as CalibPrompt runs it), the defaults of :class:`TrainConfig`: SGD lr 0.002,
 momentum 0.9, weight decay 5e-4, batch 16 (drop_last when the set has >= 16 images), 50 epochs,
 one warm-up epoch at a constant 1e-5 (1e-3 for MedCLIP), then cosine annealing stepped per epoch
 (Dassl's ``ConstantWarmupScheduler`` around ``CosineAnnealingLR(T_max=epochs)``), last-epoch
@@ -26,7 +26,7 @@ __all__ = ["EpochLog", "TrainConfig", "coop_lr", "epoch_batches", "steps_per_epo
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Prompt-tuning hyperparameters (SPEC.md §6 defaults)."""
+    """Prompt-tuning hyperparameters (the CoOp / CalibPrompt defaults)."""
 
     epochs: int = 50
     batch_size: int = 16

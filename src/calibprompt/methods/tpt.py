@@ -1,6 +1,6 @@
 """Test-time prompt tuning (TPT, Shu et al. 2022) and its calibrated variants, batched over images.
 
-Per test image (SPEC.md §7): the context is reset to its initial value ("a photo of a", 4 vectors),
+Per test image (the protocol of TPT, Shu et al. 2022): the context is reset to its initial value ("a photo of a", 4 vectors),
 the ``ratio`` lowest-entropy of the image's V views are kept, the loss is the entropy of their
 *averaged* distribution plus the method's regulariser on the class text features (C-TPT:
 ``-lambda * ATFD``, O-TPT: ``lambda * orthogonality``, SoC: ``lambda * Huber``), one AdamW step
@@ -42,7 +42,7 @@ REGULARIZERS = {"tpt": None, "ctpt": "atfd", "otpt": "orth", "otpt_fro": "orth_f
 
 @dataclass(frozen=True)
 class TPTConfig:
-    """TPT hyperparameters (SPEC.md §7 defaults) and the method's regulariser."""
+    """TPT hyperparameters (the published TPT defaults) and the method's regulariser."""
 
     method: str = "tpt"
     lam: float = 0.0

@@ -2,7 +2,7 @@
 
 Zero-shot classifies with the dataset's template ensemble; every other method tunes a CoOp
 context on a seeded few-shot split with an objective (a preset or an expression), on a cached
-bank of augmented views (SPEC: the paper's protocol -- SGD 0.002, 50 epochs, warm-up, cosine).
+bank of augmented views (the paper's protocol: SGD 0.002, 50 epochs, warm-up, cosine).
 Both draw a seeded validation split from the rest of the train pool for temperature scaling.
 
 Files of a prompt run besides the common ones (:mod:`calibprompt.runs.directory`):
