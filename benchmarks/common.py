@@ -53,7 +53,7 @@ def machine() -> dict[str, Any]:
 
 def write_result(name: str, config: dict[str, Any], results: dict[str, Any],
                  ratios: dict[str, float]) -> Path:
-    from calibprompt.io import write_json
+    from calibprompt.files import write_json
 
     path = RESULTS / f"{name}.json"
     write_json(path, {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "config": config,

@@ -27,7 +27,7 @@ import torch
 from calibprompt.backbones import load_backbone
 from calibprompt.data import FeatureStore, load_dataset
 from calibprompt.demo.tissue import write_demo_dataset
-from calibprompt.io import write_json
+from calibprompt.files import write_json
 from calibprompt.methods.tpt import TPTConfig, tpt_adapt
 from calibprompt.metrics import evaluate
 from calibprompt.prompts import PromptLearner

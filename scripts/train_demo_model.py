@@ -120,7 +120,7 @@ def main() -> None:
 
     from safetensors.torch import save_file
 
-    from calibprompt.io import atomic_path, write_json
+    from calibprompt.files import atomic_path, write_json
 
     config["training"] = {"steps": args.steps, "batch_size": args.batch_size, "corpus": args.corpus,
                           "caption_noise": args.caption_noise, "seed": args.seed,

@@ -9,7 +9,7 @@ import pytest
 
 from calibprompt import metrics as M
 from calibprompt import plots
-from calibprompt.io import atomic_path, write_json
+from calibprompt.files import atomic_path, write_json
 from tests.test_metrics import random_predictions
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from calibprompt.io import slug
+from calibprompt.files import slug
 from calibprompt.metrics import accuracy, classwise_ece, ece, nll, stratified_bootstrap_indices
 from calibprompt.runs import report as report_module
 from calibprompt.runs.report import (

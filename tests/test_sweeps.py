@@ -224,7 +224,7 @@ def test_other_bins_remeasure_and_test_time_baselines_pair(finished, roots, tmp_
 
 
 def test_undefined_metrics_are_stored_as_null_and_limits_are_stratified(roots, tmp_path, capsys):
-    from calibprompt.io import write_json
+    from calibprompt.files import write_json
     from calibprompt.runs.execute import score
     from calibprompt.runs.tpt import stratified_subset
 

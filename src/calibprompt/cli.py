@@ -147,7 +147,7 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     from scipy.special import softmax
 
     from calibprompt.calibrators import CALIBRATORS
-    from calibprompt.io import write_json
+    from calibprompt.files import write_json
     from calibprompt.metrics import evaluate
     from calibprompt.plots import plot_reliability
 
@@ -394,7 +394,7 @@ def _load_run(path: str):
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from scipy.special import softmax
 
-    from calibprompt.io import write_json
+    from calibprompt.files import write_json
     from calibprompt.metrics import evaluate
 
     run = _load_run(args.run)
@@ -421,7 +421,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from calibprompt.calibrators import CALIBRATORS
-    from calibprompt.io import write_json
+    from calibprompt.files import write_json
     from calibprompt.metrics import evaluate
 
     run = _load_run(args.run)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calibprompt.io import atomic_path
+from calibprompt.files import atomic_path
 from calibprompt.metrics import (
     ArrayLike,
     bin_index,

@@ -36,7 +36,7 @@ import torch
 
 from calibprompt.data.datasets import DataError
 from calibprompt.data.images import file_hash, open_image
-from calibprompt.io import atomic_path, slug, write_json
+from calibprompt.files import atomic_path, slug, write_json
 
 __all__ = ["FeatureResult", "FeatureStore", "default_cache_dir", "view_seed"]
 

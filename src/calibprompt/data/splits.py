@@ -25,7 +25,7 @@ import numpy as np
 
 from calibprompt.data.datasets import DataError, Dataset
 from calibprompt.data.images import check_image, file_hash
-from calibprompt.io import write_json
+from calibprompt.files import write_json
 
 __all__ = ["SplitManifest", "few_shot", "split_rng", "validation_split"]
 

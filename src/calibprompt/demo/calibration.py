@@ -18,7 +18,7 @@ import numpy as np
 from scipy.special import softmax
 
 from calibprompt.calibrators import CALIBRATORS, TemperatureScaling
-from calibprompt.io import write_json
+from calibprompt.files import write_json
 from calibprompt.metrics import bootstrap, evaluate
 from calibprompt.plots import plot_reliability, plot_risk_coverage
 

@@ -27,7 +27,7 @@ from scipy.special import softmax
 
 from calibprompt.data import FeatureStore, load_dataset
 from calibprompt.data.datasets import IMAGE_EXTENSIONS
-from calibprompt.io import slug, write_json, write_text
+from calibprompt.files import slug, write_json, write_text
 from calibprompt.metrics import METRICS_VERSION
 from calibprompt.runs.common import cached_backbone, dataset_fingerprint, device_kind
 from calibprompt.runs.directory import RunDirectory, read_predictions, read_record, write_npz

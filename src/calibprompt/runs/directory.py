@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from calibprompt.io import atomic_path, write_json
+from calibprompt.files import atomic_path, write_json
 
 __all__ = ["RunDirectory", "read_predictions", "read_record", "write_npz"]
 

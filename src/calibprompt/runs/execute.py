@@ -68,7 +68,7 @@ def _finite(value: Any) -> Any:
 def _rebinned(directory: Path, metrics: dict[str, Any], n_bins: int) -> dict[str, Any]:
     """A finished run's metrics at ``n_bins`` (its temperature kept), stored as
     ``metrics_<n_bins>bins.json`` beside its ``metrics.json``."""
-    from calibprompt.io import write_json
+    from calibprompt.files import write_json
     from calibprompt.runs.directory import read_predictions
 
     preds = read_predictions(directory)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from calibprompt.io import slug
+from calibprompt.files import slug
 
 __all__ = ["SCHEMA_VERSION", "RunIdentity", "data_fingerprint", "digest", "run_name"]
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from calibprompt.data import DataError, FeatureStore, few_shot, load_dataset, validation_split
-from calibprompt.io import atomic_path, slug, write_json
+from calibprompt.files import atomic_path, slug, write_json
 from calibprompt.methods.coop import TrainConfig
 from calibprompt.metrics import METRICS_VERSION
 from calibprompt.runs.common import (

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax
 
-from calibprompt.io import slug, write_text
+from calibprompt.files import slug, write_text
 from calibprompt.metrics import (
     BINNING_CONVENTION,
     accuracy,

@@ -27,7 +27,7 @@ import torch
 
 from calibprompt import losses
 from calibprompt.data import DataError, FeatureStore, load_dataset, validation_split
-from calibprompt.io import atomic_path, slug, write_json
+from calibprompt.files import atomic_path, slug, write_json
 from calibprompt.methods.tpt import TPTConfig
 from calibprompt.metrics import METRICS_VERSION
 from calibprompt.runs.common import (
