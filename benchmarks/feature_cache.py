@@ -35,7 +35,7 @@ def run_metrics(backbone, image_features: torch.Tensor, text_features: torch.Ten
 
 def reference_run(backbone, dataset, text_features, batch_size: int, workers: int) -> dict:
     """One run of the research design: decode, transform and encode the whole test set."""
-    transform = backbone.image_transform(train=False)
+    transform = backbone.image_transform()
 
     class Images(torch.utils.data.Dataset):
         def __len__(self):

@@ -33,6 +33,7 @@ from calibprompt.backbones import load_backbone
 from calibprompt.data import load_dataset
 from calibprompt.data.images import open_image
 from calibprompt.data.synthetic import make_dataset_tree
+from calibprompt.data.views import train_view_transform
 from calibprompt.methods.coop import TrainConfig, coop_lr, epoch_batches
 from calibprompt.metrics import evaluate
 from calibprompt.objective import PRESETS, Objective
@@ -48,7 +49,8 @@ def reference_run(backbone, train, shots, test, preset: str, seed: int, epochs: 
     objective = Objective.preset(preset)
     learner = PromptLearner(backbone, train.classnames, n_ctx=16, seed=seed, shared_prefix=False)
     config = TrainConfig(epochs=epochs, seed=seed)
-    train_tf, test_tf = backbone.image_transform(train=True), backbone.image_transform(train=False)
+    test_tf = backbone.image_transform()
+    train_tf = train_view_transform(test_tf)
     shot_set = shots.subset_of(train)
     labels = torch.as_tensor(shot_set.labels)
     optimizer = torch.optim.SGD([learner.ctx], lr=config.lr, momentum=0.9, weight_decay=5e-4)
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     reference_total = reference_per_run * len(configs)
 
     # ---- per-component costs for the paper-scale projection ------------------------------------
-    tf = backbone.image_transform(train=True)
+    tf = train_view_transform(backbone.image_transform())
     paths = train.paths[:16]
     img16 = median_time(lambda: backbone.encode_images(torch.stack([tf(open_image(p)) for p in paths])), repeats=3)
     learner = PromptLearner(backbone, train.classnames, n_ctx=16, seed=0)

@@ -8,7 +8,7 @@ Setup: ``clip:ViT-B-32`` at real size (random weights), generated 224-px JPEGs, 
   the original image and the prompts are encoded again for the prediction. A method comparison
   repeats all of it per method.
 - calibprompt: the 64 views of every image are encoded once into the feature cache
-  (:meth:`FeatureStore.test_time_views`), then B images are adapted at once on the cached
+  (``FeatureStore.views(..., kind="test_time")``), then B images are adapted at once on the cached
   features (truncated prompts, the initial forward shared by the batch). A method comparison
   encodes the views once and adapts four times.
 
@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from benchmarks.common import median_time, write_result
 from calibprompt import losses
 from calibprompt.backbones import load_backbone
-from calibprompt.backbones.transforms import tpt_view_transform
 from calibprompt.data import FeatureStore, load_dataset
 from calibprompt.data.images import open_image
 from calibprompt.data.synthetic import make_dataset_tree
+from calibprompt.data.views import tpt_view_transform
 from calibprompt.methods.tpt import REGULARIZERS, TPTConfig, confident_views, tpt_adapt
 from calibprompt.prompts import PromptLearner
 from calibprompt.runs.tpt import METHOD_DEFAULTS
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
 
         # calibprompt: encode the 64 views of each image once (independent of C and of the method)
         start = time.perf_counter()
-        FeatureStore(tmp / "cache").test_time_views(backbone, paths[: args.encode_images], args.views,
-                                                    num_workers=0, progress=False)
+        FeatureStore(tmp / "cache").views(backbone, paths[: args.encode_images], args.views, kind="test_time",
+                                          num_workers=0, progress=False)
         encode_per_image = (time.perf_counter() - start) / args.encode_images
         results["calibprompt_view_encoding_s_per_image"] = encode_per_image
         print(f"view encoding: {encode_per_image:.2f} s/image")

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     sweep = []
     per_seed_views = {}
     for seed in args.seeds:
-        views = store.test_time_views(backbone, selection.paths, 64, aug_seed=seed, num_workers=args.workers)
+        views = store.views(backbone, selection.paths, 64, kind="test_time", aug_seed=seed,
+                            num_workers=args.workers)
         per_seed_views[seed] = (views.features, selection.labels[views.index])
 
     def score(config: TPTConfig) -> dict[str, float]:

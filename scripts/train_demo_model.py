@@ -4,8 +4,8 @@ A small CLIP (open_clip architecture: ViT 32 px / patch 8, 3 layers, width 64; t
 2 layers, width 64, word-level vocabulary) is trained on procedurally generated tissue patches
 paired with captions from four templates. 15 % of the captions name a random other class
 (noisy web captions), and the classes overlap in appearance, so the model's zero-shot
-classification is useful but imperfect. Output: ``src/calibprompt/demo/demo_model.safetensors``
-(float16) and ``demo_model.json``.
+classification is useful but imperfect. Output: ``src/calibprompt/backbones/demo_model.safetensors``
+(float16) and ``demo_model.json``, the files ``load_backbone("demo")`` reads.
 
     .venv/bin/python scripts/train_demo_model.py [--steps 1500] [--out DIR]
 """
@@ -20,16 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
-from calibprompt.backbones.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from calibprompt.demo.model import (
+from calibprompt.backbones.demo import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     DemoTokenizer,
     build_demo_clip,
     demo_vocabulary,
 )
+from calibprompt.backbones.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from calibprompt.demo.tissue import CAPTION_TEMPLATES, CLASSES, render_batch, sample_latents
+from calibprompt.files import atomic_path, write_json
 
 IMAGE_SIZE = 32
 
@@ -56,7 +58,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=int, default=16384, help="pre-rendered training images")
     parser.add_argument("--caption-noise", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/calibprompt/demo")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src/calibprompt/backbones")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
@@ -117,10 +119,6 @@ def main() -> None:
     accuracy = float((probs.argmax(1).numpy() == test_labels).mean())
     confidence = float(probs.max(1).values.mean())
     print(f"zero-shot on 1000 fresh patches: accuracy {accuracy:.3f}, mean confidence {confidence:.3f}")
-
-    from safetensors.torch import save_file
-
-    from calibprompt.files import atomic_path, write_json
 
     config["training"] = {"steps": args.steps, "batch_size": args.batch_size, "corpus": args.corpus,
                           "caption_noise": args.caption_noise, "seed": args.seed,

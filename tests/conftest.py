@@ -1,15 +1,74 @@
 """Test-wide settings: no test may reach the network (the hub is unreachable in CI anyway)."""
 
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+from collections.abc import Iterator, Mapping
+
 import pytest
 
-from calibprompt.backbones import load_backbone
+from calibprompt.backbones import list_backbones, load_backbone
 from calibprompt.backbones import testing as MF
+
+#: Other on-disk variants of registered families: case -> (registered entry, writer options).
+VARIANTS = {
+    "hf_clip_eos": ("plip", {"eos_token_id": 49407, "seed": 1}),
+    "quiltnet_safetensors": ("quiltnet", {"quick_gelu": False, "seed": 2, "safetensors": True}),
+}
+
+#: Backbone test cases: every entry of list_backbones() -- a newly registered family is tested
+#: (and fails until it has a tiny model in MF.TINY_MODELS) -- plus the VARIANTS.
+FAMILIES = {**{entry: (entry, {}) for entry in list_backbones()}, **VARIANTS}
+
+
+class _Cases(Mapping):
+    """A mapping over the FAMILIES cases whose values are made on first use."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(FAMILIES)
+
+    def __len__(self) -> int:
+        return len(FAMILIES)
+
+
+class TinyModels(_Cases):
+    """case -> its tiny model's directory, written on first use (the real on-disk format)."""
+
+    def __init__(self, root):
+        self.root, self._paths = root, {}
+
+    def name(self, case: str) -> str:
+        """The name the case's tiny model loads by."""
+        return self._tiny(case)[0]
+
+    def _tiny(self, case: str):
+        entry = FAMILIES[case][0]
+        if entry not in MF.TINY_MODELS:
+            raise LookupError(f"registered backbone {entry!r} has no tiny test model: add one to "
+                              "calibprompt.backbones.testing.TINY_MODELS")
+        return MF.TINY_MODELS[entry]
+
+    def __getitem__(self, case: str):
+        if case not in self._paths:
+            _, write = self._tiny(case)
+            self._paths[case] = write(self.root / re.sub(r"\W+", "_", case), **FAMILIES[case][1])
+        return self._paths[case]
+
+
+class TinyBackbones(_Cases):
+    """case -> the backbone loaded from its tiny model through ``load_backbone``, on first use."""
+
+    def __init__(self, models: TinyModels):
+        self.models, self._loaded = models, {}
+
+    def __getitem__(self, case: str):
+        if case not in self._loaded:
+            self._loaded[case] = load_backbone(self.models.name(case), weights=str(self.models[case]))
+        return self._loaded[case]
 
 
 @pytest.fixture(scope="session")
@@ -21,30 +80,11 @@ def tiny_backbone(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {
-        "plip": MF.make_hf_clip_dir(root / "plip", eos_token_id=2),
-        "hf_clip_eos": MF.make_hf_clip_dir(root / "hf_clip_eos", eos_token_id=49407, seed=1),
-        "quiltnet": MF.make_open_clip_dir(root / "quiltnet", quick_gelu=True),
-        "quiltnet_st": MF.make_open_clip_dir(root / "quiltnet_st", quick_gelu=False, seed=2,
-                                             safetensors=True),
-        "biomedclip": MF.make_biomedclip_dir(root / "biomedclip"),
-        "medclip": MF.make_medclip_dir(root / "medclip"),
-    }
-
-
-FAMILIES = {  # case -> (registered name, checkpoint key)
-    "plip": ("plip", "plip"),
-    "hf_clip_eos": ("plip", "hf_clip_eos"),
-    "quiltnet": ("quiltnet", "quiltnet"),
-    "quiltnet_safetensors": ("quiltnet", "quiltnet_st"),
-    "biomedclip": ("biomedclip", "biomedclip"),
-    "medclip": ("medclip", "medclip"),
-}
+    """case -> the directory of its tiny model (written on first use)."""
+    return TinyModels(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="session")
 def backbones(checkpoints):
-    return {case: load_backbone(name, weights=str(checkpoints[key])) for case, (name, key) in FAMILIES.items()}
-
-
+    """case -> its tiny backbone (loaded on first use)."""
+    return TinyBackbones(checkpoints)

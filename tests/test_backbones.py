@@ -15,6 +15,7 @@ from calibprompt.backbones import BackboneLoadError, list_backbones, load_backbo
 from calibprompt.backbones import testing as MF
 from calibprompt.backbones.hf_clip import output_tensor
 from calibprompt.backbones.transforms import clip_transform, medclip_transform
+from calibprompt.data.views import train_view_transform
 from tests.conftest import FAMILIES
 
 PROMPTS = [
@@ -46,6 +47,14 @@ def upstream_image_features(backbone, pixels):
         pooled = output_tensor(backbone.model.vision_model.model(pixel_values=pixels))
         feats = backbone.model.vision_model.projection_head(pooled)
     return F.normalize(feats, dim=-1)
+
+
+def test_every_registered_family_has_a_tiny_model():
+    """As timm does for its models, the invariants below run for every entry of list_backbones():
+    each registered family needs a tiny model in its real on-disk format."""
+    missing = [entry for entry in list_backbones() if entry not in MF.TINY_MODELS]
+    assert not missing, f"no tiny test model in calibprompt.backbones.testing.TINY_MODELS for {missing}"
+    assert set(list_backbones()) <= set(FAMILIES)
 
 
 @pytest.mark.parametrize("case", sorted(FAMILIES))
@@ -195,7 +204,7 @@ def test_clip_eval_transform_equals_open_clip():
 
 
 def test_train_transform_is_seeded_random_resized_crop():
-    t = clip_transform(32, train=True)
+    t = train_view_transform(clip_transform(32))
     torch.manual_seed(1)
     a = t(random_image())
     torch.manual_seed(1)

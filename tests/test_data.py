@@ -284,12 +284,12 @@ def test_tampered_shard_is_detected_and_reencoded(tmp_path, tiny_backbone, image
 
 def test_view_bank_is_seeded_per_image_and_view(tmp_path, tiny_backbone, image_paths):
     store = FeatureStore(tmp_path / "cache")
-    bank = store.view_bank(tiny_backbone, image_paths, views=3, num_workers=0, progress=False)
-    assert bank.features.shape == (3, 13, 16)
-    assert not torch.allclose(bank.features[0], bank.features[1])
+    bank = store.views(tiny_backbone, image_paths, views=3, kind="train", num_workers=0, progress=False)
+    assert bank.features.shape == (13, 3, 16)
+    assert not torch.allclose(bank.features[:, 0], bank.features[:, 1])
     # the same views whatever the order, batching or worker count
-    reordered = FeatureStore(tmp_path / "other").view_bank(
-        tiny_backbone, image_paths[::-1], views=3, batch_size=2, num_workers=2, progress=False)
-    assert torch.allclose(reordered.features.flip(1), bank.features, atol=1e-6)
+    reordered = FeatureStore(tmp_path / "other").views(
+        tiny_backbone, image_paths[::-1], views=3, kind="train", batch_size=2, num_workers=2, progress=False)
+    assert torch.allclose(reordered.features.flip(0), bank.features, atol=1e-6)
     eval_feats = store.features(tiny_backbone, image_paths, num_workers=0, progress=False).features
-    assert not torch.allclose(eval_feats, bank.features[0])
+    assert not torch.allclose(eval_feats, bank.features[:, 0])

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from calibprompt.backbones import load_backbone
+from calibprompt.backbones.demo import DemoTokenizer
 from calibprompt.cli import main
 from calibprompt.data import load_dataset
 from calibprompt.data.datasets import DATASETS
-from calibprompt.demo.model import DemoTokenizer
 from calibprompt.demo.pipeline import run_demo
 from calibprompt.demo.tissue import CLASSES, render_batch, sample_latents, write_demo_dataset
 
@@ -32,7 +32,7 @@ def test_generator_is_deterministic_and_matches_the_registry(tmp_path):
 def test_demo_model_is_shipped_small_and_classifies_zero_shot(tmp_path):
     from importlib import resources
 
-    weights = resources.files("calibprompt.demo").joinpath("demo_model.safetensors")
+    weights = resources.files("calibprompt.backbones").joinpath("demo_model.safetensors")
     assert weights.is_file() and len(weights.read_bytes()) <= 10 * 2**20
     backbone = load_backbone("demo")
     batch = backbone.tokenize(["An H&E image of lymphocytes."])

@@ -145,7 +145,7 @@ def toy_problem(backbone, n_per_class=8, views=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     text = zeroshot_text_features(backbone, CLASSES, ["An H&E image of {}."])
     labels = torch.arange(3).repeat_interleave(n_per_class)
-    bank = text[labels][None] + 0.6 * torch.randn(views, len(labels), text.shape[1], generator=g)
+    bank = text[labels][:, None] + 0.6 * torch.randn(views, len(labels), text.shape[1], generator=g).transpose(0, 1)
     return torch.nn.functional.normalize(bank, dim=-1), labels, text
 
 

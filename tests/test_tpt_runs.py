@@ -9,14 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from calibprompt.backbones.transforms import (
-    AugMix,
-    clip_transform,
-    medclip_transform,
-    tpt_view_transform,
-)
+from calibprompt.backbones.transforms import clip_transform, medclip_transform
 from calibprompt.cli import main
 from calibprompt.data import FeatureStore, load_dataset
+from calibprompt.data.views import AugMix, tpt_view_transform, train_view_transform
 from calibprompt.demo.tissue import write_demo_dataset
 from calibprompt.runs import TPTRunConfig, summarize
 from calibprompt.runs import execute_run as execute_tpt_run
@@ -46,7 +42,7 @@ def run_config(root, cache, **kw) -> TPTRunConfig:
 def test_view_transforms_have_process_independent_reprs():
     """The transform's repr is part of the feature-cache key: a function address in it would make
     every new process miss the cache."""
-    for transform in (clip_transform(224), clip_transform(224, train=True), medclip_transform(224),
+    for transform in (clip_transform(224), train_view_transform(clip_transform(224)), medclip_transform(224),
                       tpt_view_transform(clip_transform(224)), tpt_view_transform(medclip_transform(224), False)):
         assert " at 0x" not in repr(transform)
 
@@ -87,25 +83,25 @@ def test_test_time_views_are_cached_and_shared(tmp_path, demo_root, demo_backbon
     test = load_dataset("demo", demo_root, "test")
     paths = test.paths[:5]
     store = FeatureStore(tmp_path / "cache")
-    first = store.test_time_views(demo_backbone, paths, 8, aug_seed=3, num_workers=0, progress=False)
+    first = store.views(demo_backbone, paths, 8, kind="test_time", aug_seed=3, num_workers=0, progress=False)
     assert first.features.shape == (5, 8, demo_backbone.embed_dim)
     assert first.encoded == 10  # 5 originals + the augmented views of 5 images
     # view 0 is the evaluation transform, the same table as the plain features
     plain = store.features(demo_backbone, paths, num_workers=0, progress=False)
     assert torch.equal(first.features[:, 0], plain.features)
     # a new store over the same cache (another process, another method) encodes nothing
-    again = FeatureStore(tmp_path / "cache").test_time_views(demo_backbone, list(reversed(paths)), 8,
-                                                            aug_seed=3, num_workers=0, progress=False)
+    again = FeatureStore(tmp_path / "cache").views(demo_backbone, list(reversed(paths)), 8, kind="test_time",
+                                                  aug_seed=3, num_workers=0, progress=False)
     assert again.encoded == 0 and torch.equal(again.features.flip(0), first.features)
     # identical when encoded afresh with workers and in another order; other seeds differ
-    fresh = FeatureStore(tmp_path / "fresh").test_time_views(demo_backbone, list(reversed(paths)), 8, aug_seed=3,
-                                                            num_workers=2, progress=False)
+    fresh = FeatureStore(tmp_path / "fresh").views(demo_backbone, list(reversed(paths)), 8, kind="test_time",
+                                                  aug_seed=3, num_workers=2, progress=False)
     assert torch.allclose(fresh.features.flip(0), first.features, atol=1e-6)
-    other = store.test_time_views(demo_backbone, paths, 8, aug_seed=4, num_workers=0, progress=False)
+    other = store.views(demo_backbone, paths, 8, kind="test_time", aug_seed=4, num_workers=0, progress=False)
     assert torch.equal(other.features[:, 0], first.features[:, 0])
     assert not torch.allclose(other.features[:, 1:], first.features[:, 1:])
-    plain_crops = store.test_time_views(demo_backbone, paths, 8, aug_seed=3, augmix=False, num_workers=0,
-                                        progress=False)
+    plain_crops = store.views(demo_backbone, paths, 8, kind="test_time", aug_seed=3, augmix=False, num_workers=0,
+                              progress=False)
     assert not torch.allclose(plain_crops.features[:, 1:], first.features[:, 1:])
 
 
@@ -140,8 +136,8 @@ def test_run_equals_the_algorithm_and_resumes_exactly(tmp_path, demo_root, demo_
     assert recorded["tpt"]["lam"] == 50.0 and recorded["identity"]["config"]["views"] == 16
 
     # the run's logits are the algorithm's on the cached views
-    views = FeatureStore(tmp_path / "cache").test_time_views(demo_backbone, load_dataset("demo", demo_root, "test").paths,
-                                                            16, aug_seed=1, num_workers=0, progress=False)
+    views = FeatureStore(tmp_path / "cache").views(demo_backbone, load_dataset("demo", demo_root, "test").paths,
+                                                  16, kind="test_time", aug_seed=1, num_workers=0, progress=False)
     learner = PromptLearner(demo_backbone, load_dataset("demo", demo_root, "test").classnames, init="words",
                             init_words="a photo of a")
     direct, _ = tpt_adapt(learner, views.features[:3], config.resolved().tpt_config())

@@ -32,6 +32,8 @@ __all__ = ["plot_reliability", "plot_risk_coverage", "save_figure"]
 
 
 def _pyplot():
+    # imported here, not at the top: choosing the non-interactive backend belongs to the moment a
+    # figure is saved, not to `import calibprompt.plots` (which must not change a user's backend)
     import matplotlib
 
     matplotlib.use("Agg", force=True)

@@ -7,7 +7,7 @@ Every method of calibprompt talks to a frozen vision-language model through thes
     encode_token_embeddings(embeds, batch) -> L2-normalised text features
     encode_texts(texts) -> L2-normalised text features (no gradient)
     encode_images(pixels) -> L2-normalised image features (no gradient)
-    logit_scale, image_transform(train), fingerprint, context_length, embed_dim, model
+    logit_scale, image_transform(), fingerprint, context_length, embed_dim, model
 
 Learned prompt context enters as rows of ``embeds`` (replacing placeholder word embeddings);
 positions, token types, embedding layer norm and the encoder are applied exactly once inside
@@ -16,6 +16,9 @@ positions, token types, embedding layer norm and the encoder are applied exactly
 
 Text encoders are causal (CLIP) or masked (BERT), so the sequence is cut after the longest real
 prompt (``TokenBatch.real_length``) without changing any feature.
+
+``image_transform()`` is the backbone's own preprocessing (its evaluation transform); augmented
+views (training crops, test-time views) are built from it in :mod:`calibprompt.data.views`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PRECISIONS", "Backbone", "BackboneLoadError", "TokenBatch"]
+__all__ = ["PRECISIONS", "Backbone", "BackboneLoadError", "TokenBatch", "refuse_long_prompts"]
 
 #: Encoder precisions: autocast dtype on an accelerator (fp32 = no autocast).
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,6 +62,14 @@ class TokenBatch:
     eot_index: torch.Tensor
     lengths: torch.Tensor
 
+    @classmethod
+    def bidirectional(cls, ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenBatch:
+        """A batch for a bidirectional (BERT) encoder: pooled at [CLS] (position 0), real tokens
+        up to the last attended position."""
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        lengths = torch.where(attention_mask.bool(), positions + 1, 0).max(dim=1).values
+        return cls(ids, attention_mask, torch.zeros_like(lengths), lengths)
+
     def __post_init__(self) -> None:
         if self.ids.ndim != 2 or self.attention_mask.shape != self.ids.shape:
             raise ValueError(
@@ -75,6 +86,7 @@ class TokenBatch:
         return int(self.ids.shape[0])
 
     def to(self, device: torch.device | str) -> TokenBatch:
+        """The batch on ``device``."""
         return TokenBatch(self.ids.to(device), self.attention_mask.to(device),
                           self.eot_index.to(device), self.lengths.to(device))
 
@@ -87,9 +99,23 @@ class TokenBatch:
                           self.eot_index, self.lengths)
 
     def select(self, index: torch.Tensor | Sequence[int]) -> TokenBatch:
+        """The prompts at ``index``."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.ids.device)
         return TokenBatch(self.ids[index], self.attention_mask[index], self.eot_index[index],
                           self.lengths[index])
+
+
+def refuse_long_prompts(texts: Sequence[str], lengths: Sequence[int], context_length: int, name: str) -> None:
+    """Raise ValueError naming the first prompt whose token count (specials included) exceeds the
+    context: prompts are refused, never silently truncated (a cut prompt loses its class name)."""
+    too_long = [(t, n) for t, n in zip(texts, lengths, strict=True) if n > context_length]
+    if too_long:
+        text, n = too_long[0]
+        raise ValueError(
+            f"{name}: prompt {text[:80]!r} has {n} tokens, more than the context length "
+            f"{context_length} ({len(too_long)} prompt(s) too long); shorten the class name or "
+            "use fewer context tokens"
+        )
 
 
 def _weights_digest(module: nn.Module) -> str:
@@ -113,7 +139,7 @@ class Backbone(ABC):
     """A frozen vision-language model behind the calibprompt interface.
 
     Subclasses implement the family-specific pieces (``tokenize``, ``embed_tokens``,
-    ``_encode_embeddings``, ``_encode_pixels``, ``logit_scale``, ``image_transform``) and set
+    ``_encode_embeddings``, ``_encode_pixels``, ``_eval_transform``, ``logit_scale``) and set
     ``name``, ``family``, ``context_length``, ``embed_dim`` and ``model``.
     """
 
@@ -140,6 +166,7 @@ class Backbone(ABC):
 
     @property
     def device(self) -> torch.device:
+        """Where the model's parameters are."""
         return next(self.model.parameters()).device
 
     @contextlib.contextmanager
@@ -226,9 +253,20 @@ class Backbone(ABC):
         return normalized_features(features)
 
     @abstractmethod
+    def _eval_transform(self) -> Callable[[Any], torch.Tensor]:
+        """The family's evaluation preprocessing (a torchvision ``Compose`` with its resize/crop)."""
+
     def image_transform(self, train: bool = False) -> Callable[[Any], torch.Tensor]:
-        """PIL image -> normalised tensor; ``train=True`` gives the prompt-tuning augmentation
-        (RandomResizedCrop 0.08–1, bicubic, + horizontal flip)."""
+        """The backbone's own preprocessing, PIL image -> normalised tensor: its evaluation
+        transform (resize/crop to its resolution, its normalisation). Augmentations are built from
+        it by :mod:`calibprompt.data.views`; ``train=True`` is refused with that pointer."""
+        if train:
+            raise ValueError(
+                "image_transform(train=True): backbones build only their evaluation transform; the "
+                "prompt-tuning augmentation is calibprompt.data.views.train_view_transform("
+                "backbone.image_transform())"
+            )
+        return self._eval_transform()
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -260,6 +298,7 @@ class Backbone(ABC):
 
 
 def warn_random_weights(name: str) -> None:
+    """Warn that ``weights='random'`` gives a meaningless model (benchmarks and tests only)."""
     warnings.warn(
         f"{name}: weights='random' builds a randomly initialised model — for benchmarks and "
         "tests only; its features and predictions are meaningless",

@@ -1,4 +1,4 @@
-"""Transformers ``CLIPModel`` checkpoints: PLIP (``vinid/plip``) and any other Hugging Face CLIP.
+"""Transformers ``CLIPModel`` checkpoints: PLIP (``HUB_IDS["plip"]``) and any other Hugging Face CLIP.
 
 The text path runs the model's own modules -- ``embeddings`` (adds position embeddings to the
 given word embeddings), every ``encoder`` layer under a causal mask, ``final_layer_norm``, EOT
@@ -10,7 +10,6 @@ as ``attention_mask`` and returns plain tensors from encoder layers; 4.x takes i
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibprompt.backbones.base import Backbone, BackboneLoadError, TokenBatch
-from calibprompt.backbones.sources import hub_repo, is_hub_id
+from calibprompt.backbones.base import Backbone, BackboneLoadError, TokenBatch, refuse_long_prompts
+from calibprompt.backbones.sources import (
+    HUB_IDS,
+    hub_file,
+    hub_repo,
+    is_hub_id,
+    pretrained,
+    read_json,
+)
 from calibprompt.backbones.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_transform
 
 __all__ = ["HFClipBackbone", "check_prompt_lengths", "hf_tokenize", "load_hf_clip", "load_plip", "output_tensor"]
 
-PLIP_HUB = "vinid/plip"
 HF_CLIP_LAYOUT = """  DIR/config.json                    (CLIPConfig)
   DIR/model.safetensors              (or pytorch_model.bin)
   DIR/vocab.json, DIR/merges.txt, DIR/tokenizer_config.json, DIR/special_tokens_map.json
@@ -100,9 +105,9 @@ class HFClipBackbone(Backbone):
         out = self.model.vision_model(pixel_values=pixels)
         return self.model.visual_projection(output_tensor(out))
 
-    def image_transform(self, train: bool = False) -> Callable[[Any], torch.Tensor]:
+    def _eval_transform(self) -> Callable[[Any], torch.Tensor]:
         p = self.preprocess
-        return clip_transform(p["size"], p["mean"], p["std"], train=train)
+        return clip_transform(p["size"], p["mean"], p["std"])
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -130,20 +135,11 @@ def hf_tokenize(
 def check_prompt_lengths(tokenizer: Any, texts: list[str], context_length: int, name: str) -> None:
     """Refuse prompts longer than the context instead of silently truncating them."""
     lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
-    too_long = [(t, n) for t, n in zip(texts, lengths, strict=True) if n > context_length]
-    if too_long:
-        text, n = too_long[0]
-        raise ValueError(
-            f"{name}: prompt {text[:80]!r} has {n} tokens, more than the context length "
-            f"{context_length} ({len(too_long)} prompt(s) too long); shorten the class name or "
-            "use fewer context tokens"
-        )
+    refuse_long_prompts(texts, lengths, context_length, name)
 
 
-def _preprocess_config(path: Path | None) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    if path is not None and path.is_file():
-        data = json.loads(path.read_text())
+def _preprocess_config(path: Path | None, what: str) -> dict[str, Any]:
+    data = read_json(path, what) if path is not None and path.is_file() else {}
 
     def edge(value: Any, default: int = 224) -> int:
         if isinstance(value, dict):
@@ -163,7 +159,7 @@ def load_hf_clip(
     context_length: int = 77,
 ) -> HFClipBackbone:
     """A transformers CLIPModel + CLIPTokenizer from a hub id or a local directory."""
-    from transformers import AutoTokenizer, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel  # heavy optional dependency: imported on use
 
     what = f"backbone '{name}'"
     hub = is_hub_id(source)
@@ -177,29 +173,17 @@ def load_hf_clip(
             missing.append("model.safetensors (or pytorch_model.bin)")
         if missing:
             raise BackboneLoadError(f"{what}: '{root}' lacks {missing}. Expected:\n{HF_CLIP_LAYOUT}")
-    try:
-        model = CLIPModel.from_pretrained(location)
-        tokenizer = AutoTokenizer.from_pretrained(location)
-    except BackboneLoadError:
-        raise
-    except Exception as exc:
-        hint = ("To use it offline, download the repository once and pass the directory as "
-                "weights=DIR (CLI: --weights DIR)." if hub else "Is it a CLIPModel checkpoint?")
-        raise BackboneLoadError(
-            f"{what}: could not load a CLIPModel from '{location}' ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:300]}). {hint} Expected layout:\n{HF_CLIP_LAYOUT}"
-        ) from exc
-    pre_path = None
+    hint = ("To use it offline, download the repository once and pass the directory as "
+            "weights=DIR (CLI: --weights DIR)." if hub else "Is it a CLIPModel checkpoint?")
+    model = pretrained(CLIPModel.from_pretrained, location, what, "a CLIPModel", hint, HF_CLIP_LAYOUT)
+    tokenizer = pretrained(AutoTokenizer.from_pretrained, location, what, "its tokenizer", hint, HF_CLIP_LAYOUT)
+    pre_path: Path | None = Path(location) / "preprocessor_config.json"
     if hub:
         try:
-            from huggingface_hub import hf_hub_download
-
-            pre_path = Path(hf_hub_download(location, "preprocessor_config.json"))
-        except Exception:
+            pre_path = hub_file(location, "preprocessor_config.json", what, HF_CLIP_LAYOUT)
+        except BackboneLoadError:
             pre_path = None  # fall back to CLIP's defaults (224, OpenAI mean/std)
-    else:
-        pre_path = Path(location) / "preprocessor_config.json"
-    return HFClipBackbone(model, tokenizer, name, _preprocess_config(pre_path), device=device,
+    return HFClipBackbone(model, tokenizer, name, _preprocess_config(pre_path, what), device=device,
                           precision=precision, source=source, context_length=context_length)
 
 
@@ -207,4 +191,4 @@ def load_plip(weights: str | None = None, device: str | torch.device = "cpu",
               precision: str = "fp32") -> HFClipBackbone:
     """PLIP (Huang et al. 2023): a transformers CLIPModel, always tokenised to 77 tokens (its
     tokenizer sets no maximum length)."""
-    return load_hf_clip("plip", weights or PLIP_HUB, device, precision, context_length=77)
+    return load_hf_clip("plip", weights or HUB_IDS["plip"], device, precision, context_length=77)

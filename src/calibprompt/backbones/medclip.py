@@ -19,7 +19,6 @@ dropped. Class names are never truncated: a prompt longer than 77 tokens is an e
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,18 +30,21 @@ from torch import nn
 from calibprompt.backbones.base import Backbone, BackboneLoadError, TokenBatch
 from calibprompt.backbones.hf_clip import hf_tokenize, output_tensor
 from calibprompt.backbones.sources import (
+    HUB_IDS,
     assign_state_dict,
     hub_file,
     is_hub_id,
     load_state_dict,
     local_dir,
     pick_file,
+    pretrained,
+    read_json,
 )
 from calibprompt.backbones.transforms import medclip_transform
 
 __all__ = ["MEDCLIP_LAYOUT", "MedCLIPBackbone", "MedCLIPModel", "load_medclip"]
 
-BERT_TYPE = "emilyalsentzer/Bio_ClinicalBERT"
+BERT_TYPE = HUB_IDS["medclip.tokenizer"]
 CONTEXT_LENGTH = 77
 MAX_LOG_SCALE = math.log(100.0)  # 4.6052: MedCLIP clamps logit_scale to [0, this]
 
@@ -81,6 +83,7 @@ class MedCLIPModel(nn.Module):
     def __init__(self, vision_config: dict[str, Any], text_config: dict[str, Any],
                  proj_dim: int = 512) -> None:
         super().__init__()
+        # transformers is a heavy optional dependency: imported on use
         from transformers import BertConfig, BertModel, SwinConfig, SwinModel
 
         swin = SwinModel(SwinConfig(**{k: v for k, v in vision_config.items() if k != "model_type"}))
@@ -111,9 +114,7 @@ class MedCLIPBackbone(Backbone):
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
         ids, mask = hf_tokenize(self.tokenizer, texts, self.context_length, self.name, self.device)
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        lengths = torch.where(mask.bool(), positions + 1, 0).max(dim=1).values
-        return TokenBatch(ids, mask, torch.zeros_like(lengths), lengths)
+        return TokenBatch.bidirectional(ids, mask)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self._bert.get_input_embeddings()(ids)
@@ -133,9 +134,9 @@ class MedCLIPBackbone(Backbone):
         out = self.model.vision_model.model(pixel_values=pixels)
         return self.model.vision_model.projection_head(output_tensor(out))
 
-    def image_transform(self, train: bool = False) -> Callable[[Any], torch.Tensor]:
+    def _eval_transform(self) -> Callable[[Any], torch.Tensor]:
         size = int(self.configs.get("vision", {}).get("image_size", 224))
-        return medclip_transform(size, train=train)
+        return medclip_transform(size)
 
     @property
     def logit_scale(self) -> float:
@@ -147,12 +148,8 @@ class MedCLIPBackbone(Backbone):
 
 
 def _read_config(path: Path, default: dict[str, Any]) -> dict[str, Any]:
-    if not path.is_file():
-        return dict(default)
-    try:
-        return {**default, **json.loads(path.read_text())}
-    except json.JSONDecodeError as exc:
-        raise BackboneLoadError(f"backbone 'medclip': could not parse '{path}' ({exc})") from exc
+    """``default`` overridden by the JSON file at ``path``, when there is one."""
+    return {**default, **read_json(path, "backbone 'medclip'")} if path.is_file() else dict(default)
 
 
 def load_medclip(
@@ -162,7 +159,7 @@ def load_medclip(
     """MedCLIP-ViT from a local directory (see :data:`MEDCLIP_LAYOUT`), a ``pytorch_model.bin``
     file, or a hub repository holding ``pytorch_model.bin``. The tokenizer comes from
     ``DIR/tokenizer``, from ``tokenizer=`` (directory or hub id), or from the hub."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy optional dependency: imported on use
 
     what = "backbone 'medclip'"
     if weights is None:
@@ -187,14 +184,8 @@ def load_medclip(
     text = _read_config(root / "text_config.json", BIO_CLINICAL_BERT) if root else dict(BIO_CLINICAL_BERT)
     tokenizer_source = tokenizer or (str(root / "tokenizer") if root and (root / "tokenizer").is_dir()
                                      else BERT_TYPE)
-    try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_source)
-    except Exception as exc:
-        raise BackboneLoadError(
-            f"{what}: could not load the tokenizer from '{tokenizer_source}' ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). Offline, put the {BERT_TYPE} tokenizer files in "
-            f"DIR/tokenizer. Expected layout:\n{MEDCLIP_LAYOUT}"
-        ) from exc
+    tok = pretrained(AutoTokenizer.from_pretrained, tokenizer_source, what, "the tokenizer",
+                     f"Offline, put the {BERT_TYPE} tokenizer files in DIR/tokenizer.", MEDCLIP_LAYOUT)
     try:
         model = MedCLIPModel(vision, text)
     except Exception as exc:

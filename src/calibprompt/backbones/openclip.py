@@ -12,7 +12,6 @@ Two text-tower shapes are supported:
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,17 +24,21 @@ from calibprompt.backbones.base import (
     BackboneLoadError,
     TokenBatch,
     normalized_features,
+    refuse_long_prompts,
     warn_random_weights,
 )
 from calibprompt.backbones.hf_clip import check_prompt_lengths
 from calibprompt.backbones.sources import (
+    HUB_IDS,
     HUB_PREFIX,
     assign_state_dict,
+    error_summary,
     hub_file,
     is_hub_id,
     load_state_dict,
     local_dir,
     pick_file,
+    read_json,
 )
 from calibprompt.backbones.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_transform
 
@@ -45,15 +48,13 @@ CHECKPOINT_NAMES = (
     "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
     "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin",
 )
-QUILTNET_HUB = "hf-hub:wisdomik/QuiltNet-B-32"
-BIOMEDCLIP_HUB = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 #: The directory inside a local BiomedCLIP folder that holds the BiomedBERT config + tokenizer.
 TEXT_SUBDIR = "text"
 
 OPEN_CLIP_LAYOUT = """  DIR/open_clip_config.json          (the repository's config: model_cfg + preprocess_cfg)
   DIR/open_clip_pytorch_model.bin    (or open_clip_model.safetensors)"""
 BIOMEDCLIP_LAYOUT = OPEN_CLIP_LAYOUT + f"""
-  DIR/{TEXT_SUBDIR}/config.json                 (BiomedBERT config: microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract)
+  DIR/{TEXT_SUBDIR}/config.json                 (BiomedBERT config: {HUB_IDS['biomedclip.text']})
   DIR/{TEXT_SUBDIR}/vocab.txt, tokenizer_config.json  (its tokenizer)"""
 
 
@@ -112,13 +113,10 @@ class OpenClipBackbone(Backbone):
         texts = list(texts)
         self._check_lengths(texts)
         ids = self.tokenizer(texts).to(self.device)
+        if not self.causal:
+            return TokenBatch.bidirectional(ids, (ids != self._hf.config.pad_token_id).long())
         n, length = ids.shape
         positions = torch.arange(length, device=ids.device)
-        if not self.causal:
-            pad = self._hf.config.pad_token_id
-            mask = (ids != pad).long()
-            lengths = torch.where(mask.bool(), positions + 1, 0).max(dim=1).values
-            return TokenBatch(ids, mask, torch.zeros(n, dtype=torch.long, device=ids.device), lengths)
         if self._pool == "argmax":
             eot = ids.argmax(dim=-1)
         elif self._pool == "eos":
@@ -138,15 +136,9 @@ class OpenClipBackbone(Backbone):
             check_prompt_lengths(hf, texts, self.context_length, self.name)
             return
         encode = getattr(self.tokenizer, "encode", None)
-        if encode is None:
-            return
-        for text in texts:
-            n = len(encode(text)) + 2  # + start and end of text
-            if n > self.context_length:
-                raise ValueError(
-                    f"{self.name}: prompt {text[:80]!r} has {n} tokens, more than the context "
-                    f"length {self.context_length}; shorten the class name or use fewer context tokens"
-                )
+        if encode is not None:
+            lengths = [len(encode(text)) + 2 for text in texts]  # + start and end of text
+            refuse_long_prompts(texts, lengths, self.context_length, self.name)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if self.causal:
@@ -175,7 +167,7 @@ class OpenClipBackbone(Backbone):
     ) -> torch.Tensor | None:
         """Causal CLIP towers: the prefix (start token + shared context) runs once per layer;
         each class runs only its suffix, attending to the prefix's keys and values."""
-        from open_clip.transformer import ResidualAttentionBlock
+        from open_clip.transformer import ResidualAttentionBlock  # heavy optional dependency
 
         if not self.causal or self._pool not in ("argmax", "eos"):
             return None
@@ -220,10 +212,9 @@ class OpenClipBackbone(Backbone):
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)
 
-    def image_transform(self, train: bool = False) -> Callable[[Any], torch.Tensor]:
+    def _eval_transform(self) -> Callable[[Any], torch.Tensor]:
         p = self.preprocess
-        return clip_transform(p["size"], p["mean"], p["std"], train=train,
-                              interpolation=p.get("interpolation", "bicubic"))
+        return clip_transform(p["size"], p["mean"], p["std"], interpolation=p.get("interpolation", "bicubic"))
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -257,7 +248,7 @@ def _build_from_config(
     config: dict[str, Any], checkpoint: Path | None, what: str, text_dir: Path | None,
     quick_gelu: bool | None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    import open_clip
+    import open_clip  # heavy optional dependency: imported on use
 
     model_cfg = copy.deepcopy(config["model_cfg"])
     if quick_gelu is not None:
@@ -286,7 +277,7 @@ def _build_from_config(
 
 
 def _tokenizer_for(config: dict[str, Any], text_dir: Path | None) -> Callable[..., torch.Tensor]:
-    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer  # heavy optional dependency
 
     text_cfg = config["model_cfg"].get("text_cfg", {})
     context = int(text_cfg.get("context_length", 77))
@@ -346,10 +337,7 @@ def load_open_clip_dir(
             raise BackboneLoadError(f"{what}: '{root}' is a file; expected a directory:\n{layout}")
         config_path = pick_file(root, ["open_clip_config.json"], what, layout)
         checkpoint = pick_file(root, CHECKPOINT_NAMES, what, layout)
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BackboneLoadError(f"{what}: could not parse '{config_path}' ({exc})") from exc
+    config = read_json(config_path, what)
     if "model_cfg" not in config:
         raise BackboneLoadError(f"{what}: '{config_path}' has no 'model_cfg'; expected an "
                                 f"open_clip hub config. Layout:\n{layout}")
@@ -374,7 +362,7 @@ def load_quiltnet(
     ``open_clip.create_model_from_pretrained`` (and the CalibPrompt code) does; pass
     ``quick_gelu=True`` / ``False`` to override.
     """
-    source = weights or QUILTNET_HUB
+    source = weights or HUB_IDS["quiltnet"]
     path = Path(source).expanduser()
     if not is_hub_id(source) and path.is_file():
         config = {"model_cfg": _builtin_config("ViT-B-32"), "preprocess_cfg": {}}
@@ -393,12 +381,12 @@ def load_biomedclip(
 ) -> OpenClipBackbone:
     """BiomedCLIP (ViT-B/16 + PubMedBERT, context 256): hub id or a local directory holding the
     hub files plus the BiomedBERT config and tokenizer in ``text/``."""
-    return load_open_clip_dir("biomedclip", weights or BIOMEDCLIP_HUB, device, precision,
+    return load_open_clip_dir("biomedclip", weights or HUB_IDS["biomedclip"], device, precision,
                               layout=BIOMEDCLIP_LAYOUT)
 
 
 def _builtin_config(arch: str) -> dict[str, Any]:
-    import open_clip
+    import open_clip  # heavy optional dependency: imported on use
 
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
@@ -415,7 +403,7 @@ def load_open_clip(
     """``clip:<arch>``: any open_clip architecture with a pretrained tag (e.g. ``openai``,
     ``laion2b_s34b_b79k``), a checkpoint file, a hub id / directory in the hub layout, or
     ``weights="random"`` (seeded random initialisation; benchmarks and tests only)."""
-    import open_clip
+    import open_clip  # heavy optional dependency: imported on use
 
     name = f"clip:{arch}"
     what = f"backbone '{name}'"
@@ -442,9 +430,8 @@ def load_open_clip(
             model = open_clip.create_model(arch, pretrained=weights)
         except Exception as exc:
             raise BackboneLoadError(
-                f"{what}: could not load pretrained tag '{weights}' ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:200]}). Offline: download the checkpoint and pass its "
-                "path as weights=FILE."
+                f"{what}: could not load pretrained tag '{weights}' ({error_summary(exc)}). Offline: "
+                "download the checkpoint and pass its path as weights=FILE."
             ) from exc
         pre = open_clip.get_pretrained_cfg(arch, weights)
         config["preprocess_cfg"] = {k: pre[k] for k in ("mean", "std", "interpolation") if k in pre}

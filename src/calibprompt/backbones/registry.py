@@ -1,8 +1,9 @@
 """Backbone names -> loaders: ``load_backbone(name, weights=None, device="cpu")``.
 
-Registered: ``plip``, ``quiltnet``, ``biomedclip``, ``medclip``, ``clip:<open_clip architecture>``
-and ``demo`` (the embedded demo model). ``weights`` is a hub id, a local directory or file, or
-(for ``clip:``) a pretrained tag or ``"random"``; ``None`` means the family's default hub id.
+Registered: ``plip``, ``quiltnet``, ``biomedclip``, ``medclip``, ``demo`` (the embedded demo
+model) and ``clip:<open_clip architecture>``. ``weights`` is a hub id, a local directory or file,
+or (for ``clip:``) a pretrained tag or ``"random"``; ``None`` means the family's default
+(:data:`~calibprompt.backbones.sources.HUB_IDS`; the packaged files for ``demo``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,32 @@ from typing import Any
 import torch
 
 from calibprompt.backbones.base import Backbone, BackboneLoadError
+from calibprompt.backbones.demo import load_demo_backbone
+from calibprompt.backbones.hf_clip import load_plip
+from calibprompt.backbones.medclip import load_medclip
+from calibprompt.backbones.openclip import load_biomedclip, load_open_clip, load_quiltnet
+from calibprompt.backbones.sources import HUB_IDS
 
-__all__ = ["BACKBONES", "BackboneInfo", "list_backbones", "load_backbone", "register_backbone"]
+__all__ = [
+    "BACKBONES",
+    "OPEN_CLIP_ENTRY",
+    "OPEN_CLIP_PREFIX",
+    "BackboneInfo",
+    "list_backbones",
+    "load_backbone",
+    "register_backbone",
+]
+
+#: ``clip:<architecture>`` loads any open_clip architecture; listed as :data:`OPEN_CLIP_ENTRY`.
+OPEN_CLIP_PREFIX = "clip:"
+OPEN_CLIP_ENTRY = f"{OPEN_CLIP_PREFIX}<open_clip model name>"
 
 
 @dataclass(frozen=True)
 class BackboneInfo:
+    """A registered family: its loader, default weights (``None``: the loader's own default or
+    none) and a one-line description."""
+
     name: str
     loader: Callable[..., Backbone]
     default_weights: str | None
@@ -35,52 +56,17 @@ def register_backbone(name: str, loader: Callable[..., Backbone], default_weight
     BACKBONES[name] = BackboneInfo(name, loader, default_weights, description)
 
 
-def _plip(**kw: Any) -> Backbone:
-    from calibprompt.backbones.hf_clip import load_plip
-
-    return load_plip(**kw)
-
-
-def _quiltnet(**kw: Any) -> Backbone:
-    from calibprompt.backbones.openclip import load_quiltnet
-
-    return load_quiltnet(**kw)
-
-
-def _biomedclip(**kw: Any) -> Backbone:
-    from calibprompt.backbones.openclip import load_biomedclip
-
-    return load_biomedclip(**kw)
-
-
-def _medclip(**kw: Any) -> Backbone:
-    from calibprompt.backbones.medclip import load_medclip
-
-    return load_medclip(**kw)
-
-
-def _demo(**kw: Any) -> Backbone:
-    try:
-        from calibprompt.demo.model import load_demo_backbone
-    except ImportError as exc:
-        raise BackboneLoadError("backbone 'demo': the embedded demo model is not part of this "
-                                "build yet") from exc
-    return load_demo_backbone(**kw)
-
-
-register_backbone("plip", _plip, "vinid/plip", "PLIP: transformers CLIPModel, pathology")
-register_backbone("quiltnet", _quiltnet, "hf-hub:wisdomik/QuiltNet-B-32",
-                  "QuiltNet-B-32: open_clip ViT-B/32, pathology")
-register_backbone("biomedclip", _biomedclip,
-                  "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+register_backbone("plip", load_plip, HUB_IDS["plip"], "PLIP: transformers CLIPModel, pathology")
+register_backbone("quiltnet", load_quiltnet, HUB_IDS["quiltnet"], "QuiltNet-B-32: open_clip ViT-B/32, pathology")
+register_backbone("biomedclip", load_biomedclip, HUB_IDS["biomedclip"],
                   "BiomedCLIP: open_clip ViT-B/16 + PubMedBERT, biomedical")
-register_backbone("medclip", _medclip, None, "MedCLIP-ViT: Swin-tiny + Bio_ClinicalBERT, chest X-ray")
-register_backbone("demo", _demo, None, "the embedded demo model (offline)")
+register_backbone("medclip", load_medclip, None, "MedCLIP-ViT: Swin-tiny + Bio_ClinicalBERT, chest X-ray")
+register_backbone("demo", load_demo_backbone, None, "the embedded demo model (offline)")
 
 
 def list_backbones() -> list[str]:
     """Registered names; ``clip:<name>`` accepts any architecture of ``open_clip.list_models()``."""
-    return [*BACKBONES, "clip:<open_clip model name>"]
+    return [*BACKBONES, OPEN_CLIP_ENTRY]
 
 
 def load_backbone(
@@ -90,13 +76,13 @@ def load_backbone(
     """Load a frozen backbone by registered name (see :func:`list_backbones`)."""
     if not isinstance(name, str) or not name:
         raise BackboneLoadError(f"backbone: expected a name, got {name!r}")
-    if name.startswith("clip:"):
-        from calibprompt.backbones.openclip import load_open_clip
-
-        arch = name[len("clip:"):]
+    if name.startswith(OPEN_CLIP_PREFIX):
+        arch = name[len(OPEN_CLIP_PREFIX):]
         if not arch:
             raise BackboneLoadError("backbone 'clip:': name an open_clip architecture, e.g. clip:ViT-B-32")
         return load_open_clip(arch, weights=weights, device=device, precision=precision, **options)
     if name not in BACKBONES:
         raise BackboneLoadError(f"backbone {name!r} is unknown; available: {', '.join(list_backbones())}")
-    return BACKBONES[name].loader(weights=weights, device=device, precision=precision, **options)
+    info = BACKBONES[name]
+    weights = weights if weights is not None else info.default_weights
+    return info.loader(weights=weights, device=device, precision=precision, **options)

@@ -1,23 +1,59 @@
 """Where weights come from: a local file or directory, or a Hugging Face Hub repository.
 
 Every failure is a :class:`BackboneLoadError` naming the source, what was expected and -- for
-offline use -- the files to put where.
+offline use -- the files to put where. :data:`HUB_IDS` is the one table of the hub ids calibprompt
+knows; the adapters' Hugging Face loading (hub files, ``from_pretrained``, configs, checkpoints)
+goes through the helpers here.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from safetensors.torch import load_file
 
 from calibprompt.backbones.base import BackboneLoadError
 
-__all__ = ["HUB_PREFIX", "hub_file", "is_hub_id", "load_state_dict", "local_dir", "pick_file"]
+__all__ = [
+    "HUB_IDS",
+    "HUB_PREFIX",
+    "assign_state_dict",
+    "error_summary",
+    "hub_file",
+    "hub_repo",
+    "is_hub_id",
+    "load_state_dict",
+    "local_dir",
+    "pick_file",
+    "pretrained",
+    "read_json",
+]
 
 HUB_PREFIX = "hf-hub:"
+
+#: Every Hugging Face Hub id calibprompt names, in one place: the default weights of the
+#: registered families (``load_backbone(name)`` without ``weights``) and the text models and
+#: tokenizers that go with them. MedCLIP and the demo model have no default hub id.
+HUB_IDS: dict[str, str] = {
+    "plip": "vinid/plip",
+    "quiltnet": f"{HUB_PREFIX}wisdomik/QuiltNet-B-32",
+    "biomedclip": f"{HUB_PREFIX}microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+    "biomedclip.text": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+    "medclip.tokenizer": "emilyalsentzer/Bio_ClinicalBERT",
+}
+
+_T = TypeVar("_T")
+
+
+def error_summary(exc: BaseException, limit: int = 200) -> str:
+    """``"TypeName: first line of the message"`` (cut to ``limit`` characters) for error messages."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}"
 
 
 def is_hub_id(source: str) -> bool:
@@ -29,28 +65,30 @@ def is_hub_id(source: str) -> bool:
 
 
 def hub_repo(source: str) -> str:
+    """The repository id of a hub source (without the ``hf-hub:`` prefix)."""
     return source[len(HUB_PREFIX):] if source.startswith(HUB_PREFIX) else source
 
 
 def hub_file(source: str, filename: str, what: str, layout: str) -> Path:
     """Download (or take from the local Hugging Face cache) ``filename`` of a hub repository."""
+    from huggingface_hub import hf_hub_download  # heavy optional dependency: imported on use
+
     repo = hub_repo(source)
     try:
-        from huggingface_hub import hf_hub_download
-
         return Path(hf_hub_download(repo_id=repo, filename=filename))
     except Exception as exc:  # network, missing file, auth: all end the same way for the user
         offline = os.environ.get("HF_HUB_OFFLINE") or "connect" in str(exc).lower()
-        reason = "no network access" if offline else type(exc).__name__
+        reason = "no network access; " if offline else ""
         raise BackboneLoadError(
             f"{what}: could not get '{filename}' from the Hugging Face Hub repository '{repo}' "
-            f"({reason}: {str(exc).splitlines()[0][:200]}).\n"
+            f"({reason}{error_summary(exc)}).\n"
             f"To use it offline, download the files once and pass the directory as weights=DIR "
             f"(CLI: --weights DIR). Expected layout:\n{layout}"
         ) from exc
 
 
 def local_dir(source: str | os.PathLike[str], what: str, layout: str) -> Path:
+    """``source`` as an existing local path (a directory or a file), else an error showing ``layout``."""
     path = Path(source).expanduser()
     if not path.exists():
         raise BackboneLoadError(f"{what}: '{path}' does not exist. Expected a directory:\n{layout}")
@@ -74,16 +112,13 @@ def load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
     (no pickle of arbitrary objects). Unwraps ``{"state_dict": ...}`` and DDP ``module.``."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state: Any = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BackboneLoadError(
-            f"{what}: could not read checkpoint '{path}' ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). Expected a safetensors file or a torch state dict "
-            "loadable with weights_only=True."
+            f"{what}: could not read checkpoint '{path}' ({error_summary(exc)}). Expected a "
+            "safetensors file or a torch state dict loadable with weights_only=True."
         ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -124,3 +159,29 @@ def assign_state_dict(
             f"({'; '.join(details)}). Is it a checkpoint of this model family and size?"
         )
     module.load_state_dict(state, strict=False)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON config file as a dict; unreadable or malformed files raise :class:`BackboneLoadError`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BackboneLoadError(f"{what}: could not parse '{path}' ({exc})") from exc
+    if not isinstance(data, dict):
+        raise BackboneLoadError(f"{what}: '{path}' holds {type(data).__name__}, expected a JSON object")
+    return data
+
+
+def pretrained(load: Callable[[str], _T], location: str, what: str, thing: str, hint: str,
+               layout: str) -> _T:
+    """``load(location)`` -- a transformers ``from_pretrained`` -- with any failure raised as a
+    :class:`BackboneLoadError` naming ``thing``, the location, ``hint`` and the expected layout."""
+    try:
+        return load(location)
+    except BackboneLoadError:
+        raise
+    except Exception as exc:
+        raise BackboneLoadError(
+            f"{what}: could not load {thing} from '{location}' ({error_summary(exc, 300)}). {hint} "
+            f"Expected layout:\n{layout}"
+        ) from exc

@@ -3,15 +3,53 @@
 Each builder writes a directory exactly as a user would download it (config + weights +
 tokenizer files) and returns the path; tests load it through ``load_backbone`` like a real
 checkpoint. Sizes are tiny (width 32, 2 layers, 32-px images) so the suite stays fast.
+:data:`TINY_MODELS` names the builder of every registered family: the backbone tests run for
+each entry of :func:`~calibprompt.backbones.registry.list_backbones` and fail for a family
+without one.
 """
 
 from __future__ import annotations
 
 import json
 import string
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from calibprompt.backbones.demo import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    DemoTokenizer,
+    build_demo_clip,
+    demo_vocabulary,
+)
+from calibprompt.backbones.medclip import MedCLIPModel
+from calibprompt.backbones.openclip import OpenClipBackbone
+from calibprompt.backbones.registry import OPEN_CLIP_ENTRY
+from calibprompt.backbones.sources import HUB_IDS
+from calibprompt.backbones.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+__all__ = [
+    "TINY_MODELS",
+    "make_biomedclip_dir",
+    "make_demo_dir",
+    "make_hf_clip_dir",
+    "make_medclip_dir",
+    "make_open_clip_dir",
+    "medclip_reference_text",
+    "random_biomedclip_backbone",
+    "tiny_bert_config",
+    "tiny_open_clip_cfg",
+    "tiny_swin_config",
+    "write_bert_tokenizer",
+    "write_clip_tokenizer",
+]
+
+#: The preprocessing entry of an open_clip hub config (OpenAI's mean / std).
+CLIP_PREPROCESS = {"mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD)}
 
 TEXT_WORDS = (
     "a photo of an h&e image patch tissue chest x-ray patient lung opacity no not normal "
@@ -31,7 +69,7 @@ def _bert_vocab(lowercase: bool) -> list[str]:
 
 def write_bert_tokenizer(directory: Path, lowercase: bool = True) -> int:
     """A WordPiece tokenizer (vocab.txt + tokenizer_config.json) that can spell any ASCII text."""
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer  # heavy optional dependency: imported on use
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab = _bert_vocab(lowercase)
@@ -41,6 +79,7 @@ def write_bert_tokenizer(directory: Path, lowercase: bool = True) -> int:
 
 
 def tiny_bert_config(vocab_size: int, max_positions: int = 256) -> dict:
+    """A 2-layer, width-32 BERT config (transformers keys plus ``model_type``)."""
     return {"model_type": "bert", "vocab_size": vocab_size, "hidden_size": 32,
             "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
             "max_position_embeddings": max_positions, "type_vocab_size": 2, "pad_token_id": 0,
@@ -49,7 +88,7 @@ def tiny_bert_config(vocab_size: int, max_positions: int = 256) -> dict:
 
 def write_clip_tokenizer(directory: Path) -> None:
     """The real CLIP BPE tokenizer (vocab.json + merges.txt) from open_clip's bundled vocabulary."""
-    from open_clip.tokenizer import SimpleTokenizer
+    from open_clip.tokenizer import SimpleTokenizer  # heavy optional dependencies: imported on use
     from transformers import CLIPTokenizer
 
     simple = SimpleTokenizer()
@@ -64,8 +103,8 @@ def write_clip_tokenizer(directory: Path) -> None:
 
 
 def make_hf_clip_dir(directory: Path, eos_token_id: int = 2, seed: int = 0) -> Path:
-    """A transformers CLIPModel directory like ``vinid/plip`` (safetensors weights)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    """A transformers CLIPModel directory like PLIP's hub repository (safetensors weights)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel  # heavy: imported on use
 
     torch.manual_seed(seed)
     config = CLIPConfig(
@@ -86,6 +125,7 @@ def make_hf_clip_dir(directory: Path, eos_token_id: int = 2, seed: int = 0) -> P
 
 
 def tiny_open_clip_cfg(quick_gelu: bool = True) -> dict:
+    """A 2-layer, width-32 open_clip ``CLIP`` config (32-px images, CLIP's vocabulary)."""
     return {"embed_dim": 16, "quick_gelu": quick_gelu,
             "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
@@ -94,22 +134,16 @@ def tiny_open_clip_cfg(quick_gelu: bool = True) -> dict:
 
 def make_open_clip_dir(directory: Path, quick_gelu: bool = True, seed: int = 0,
                        safetensors: bool = False) -> Path:
-    """An open_clip hub-layout directory like ``wisdomik/QuiltNet-B-32``."""
-    import open_clip
+    """An open_clip hub-layout directory like QuiltNet's hub repository."""
+    import open_clip  # heavy optional dependency: imported on use
 
     torch.manual_seed(seed)
     cfg = tiny_open_clip_cfg(quick_gelu)
     model = open_clip.CLIP(**cfg).eval()
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": cfg,
-        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
-                           "std": [0.26862954, 0.26130258, 0.27577711]},
-    }))
+    _write_open_clip_config(directory, cfg)
     state = model.state_dict()
     if safetensors:
-        from safetensors.torch import save_file
-
         save_file({k: v.contiguous() for k, v in state.items()}, directory / "open_clip_model.safetensors")
     else:
         torch.save(state, directory / "open_clip_pytorch_model.bin")
@@ -119,7 +153,7 @@ def make_open_clip_dir(directory: Path, quick_gelu: bool = True, seed: int = 0,
 def make_biomedclip_dir(directory: Path, seed: int = 0) -> Path:
     """An open_clip BERT-text model in BiomedCLIP's layout, with the BERT config + tokenizer
     in ``text/`` and an obsolete ``position_ids`` buffer in the checkpoint (as the real one)."""
-    import open_clip
+    import open_clip  # heavy optional dependencies: imported on use
     from transformers import BertConfig
 
     text_dir = directory / "text"
@@ -129,8 +163,7 @@ def make_biomedclip_dir(directory: Path, seed: int = 0) -> Path:
         "embed_dim": 16,
         "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
                        "timm_pool": "", "timm_proj": "linear", "image_size": 224},
-        "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
-                     "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+        "text_cfg": {"hf_model_name": HUB_IDS["biomedclip.text"], "hf_tokenizer_name": HUB_IDS["biomedclip.text"],
                      "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
                      "context_length": 256},
     }
@@ -143,15 +176,17 @@ def make_biomedclip_dir(directory: Path, seed: int = 0) -> Path:
     state = dict(model.state_dict())
     state["text.transformer.embeddings.position_ids"] = torch.arange(256)[None]
     torch.save(state, directory / "open_clip_pytorch_model.bin")
-    (directory / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": cfg,
-        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
-                           "std": [0.26862954, 0.26130258, 0.27577711]},
-    }))
+    _write_open_clip_config(directory, cfg)
     return directory
 
 
+def _write_open_clip_config(directory: Path, model_cfg: dict) -> None:
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                                 "preprocess_cfg": CLIP_PREPROCESS}))
+
+
 def tiny_swin_config() -> dict:
+    """A 2-stage Swin config for 32-px images (transformers keys plus ``model_type``)."""
     return {"model_type": "swin", "image_size": 32, "patch_size": 4, "num_channels": 3,
             "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4,
             "mlp_ratio": 2.0, "drop_path_rate": 0.0}
@@ -160,8 +195,6 @@ def tiny_swin_config() -> dict:
 def make_medclip_dir(directory: Path, seed: int = 0) -> Path:
     """MedCLIP's released layout: ``pytorch_model.bin`` with ``vision_model.*``, ``text_model.*``,
     ``logit_scale`` (and the obsolete ``position_ids``), plus tokenizer and tiny configs."""
-    from calibprompt.backbones.medclip import MedCLIPModel
-
     vocab_size = write_bert_tokenizer(directory / "tokenizer", lowercase=False)
     vision, text = tiny_swin_config(), tiny_bert_config(vocab_size, max_positions=128)
     (directory / "vision_config.json").write_text(json.dumps(vision))
@@ -194,10 +227,9 @@ def random_biomedclip_backbone(directory: Path, real_size: bool = True, seed: in
     """A randomly initialised BiomedCLIP-architecture backbone built in memory (no checkpoint
     written): ViT-B/16 + BERT-base text tower, context 256, with a small WordPiece vocabulary in
     ``directory``. For benchmarks; ``real_size=False`` gives the tiny test version."""
-    import open_clip
+    import open_clip  # heavy optional dependencies: imported on use
+    from open_clip.tokenizer import HFTokenizer
     from transformers import BertConfig
-
-    from calibprompt.backbones.openclip import OpenClipBackbone
 
     text_dir = directory / "text"
     vocab_size = write_bert_tokenizer(text_dir, lowercase=True)
@@ -217,9 +249,38 @@ def random_biomedclip_backbone(directory: Path, real_size: bool = True, seed: in
     }
     torch.manual_seed(seed)
     model = open_clip.CustomTextCLIP(**cfg)
-    from open_clip.tokenizer import HFTokenizer
-
     return OpenClipBackbone(model, HFTokenizer(str(text_dir), context_length=256), "biomedclip-random",
-                            {"size": 224, "mean": [0.48145466, 0.4578275, 0.40821073],
-                             "std": [0.26862954, 0.26130258, 0.27577711]},
-                            config={"model_cfg": cfg, "weights": "random"})
+                            {"size": 224, **CLIP_PREPROCESS}, config={"model_cfg": cfg, "weights": "random"})
+
+
+def make_demo_dir(directory: Path, seed: int = 0) -> Path:
+    """A directory in the embedded demo model's format (``demo_model.json`` with architecture,
+    word vocabulary and preprocessing + float16 ``demo_model.safetensors``), randomly initialised."""
+    vocab = demo_vocabulary(TEXT_WORDS, ["An H&E image of {}."])
+    config = {
+        "model_cfg": {"embed_dim": 16,
+                      "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+                      "text_cfg": {"context_length": 24, "vocab_size": DemoTokenizer(vocab).vocab_size,
+                                   "width": 32, "heads": 2, "layers": 2}},
+        "vocab": vocab,
+        "preprocess": {"size": 32, **CLIP_PREPROCESS, "interpolation": "bicubic"},
+    }
+    torch.manual_seed(seed)
+    model = build_demo_clip(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
+              str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(config))
+    return directory
+
+
+#: A tiny model of every entry of ``list_backbones()``, written in that family's real on-disk
+#: format: entry -> (the name to load it by, ``write(directory) -> weights``).
+TINY_MODELS: dict[str, tuple[str, Callable[[Path], Path]]] = {
+    "plip": ("plip", make_hf_clip_dir),
+    "quiltnet": ("quiltnet", make_open_clip_dir),
+    "biomedclip": ("biomedclip", make_biomedclip_dir),
+    "medclip": ("medclip", make_medclip_dir),
+    "demo": ("demo", make_demo_dir),
+    OPEN_CLIP_ENTRY: ("clip:tiny", partial(make_open_clip_dir, quick_gelu=False, seed=3)),
+}

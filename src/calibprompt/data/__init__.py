@@ -1,4 +1,4 @@
-"""Datasets, reproducible splits and the feature cache."""
+"""Datasets, reproducible splits, augmented views (:mod:`calibprompt.data.views`) and the feature cache."""
 
 from calibprompt.data.datasets import DATASETS, DataError, Dataset, list_datasets, load_dataset
 from calibprompt.data.features import FeatureResult, FeatureStore, default_cache_dir

@@ -13,10 +13,13 @@ rename), the tensors first, so a killed extraction leaves complete shards and no
 the next call encodes only what is missing. Shards are verified on read (key, shape, dtype); a
 shard that fails is reported, removed and re-encoded.
 
-Train-time augmentation is a *bank* of V views per image: view v of an image is the training
-transform (RandomResizedCrop 0.08–1, bicubic, + flip) under a torch seed derived from
-(image hash, v, augmentation seed), so it is the same crop on every machine, in every worker and
-for every backbone with the same transform.
+Augmented views have one entry point, :meth:`FeatureStore.views`, which returns (N, V, D) for
+both kinds of :mod:`calibprompt.data.views`: ``kind="train"`` (the prompt-tuning crops, views
+0..V-1, one table per view) and ``kind="test_time"`` (TPT: view 0 is the evaluation transform --
+the table of :meth:`FeatureStore.features` -- and views 1..V-1 the test-time views, one table
+per view). View v of an image runs under the torch seed ``view_seed(image hash, v, augmentation
+seed)``, so it is the same crop on every machine, in every worker and for every backbone with
+the same preprocessing.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from calibprompt.data.datasets import DataError
 from calibprompt.data.images import file_hash, open_image
+from calibprompt.data.views import VIEW_KINDS, view_seed, view_transform
 from calibprompt.files import atomic_path, slug, write_json
+from calibprompt.progress import rate_progress
 
-__all__ = ["FeatureResult", "FeatureStore", "default_cache_dir", "view_seed"]
+__all__ = ["FeatureResult", "FeatureStore", "default_cache_dir"]
 
 
 def default_cache_dir() -> Path:
@@ -46,17 +52,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CALIBPROMPT_CACHE", Path.home() / ".cache" / "calibprompt"))
 
 
-def view_seed(image_hash: str, view: int, aug_seed: int) -> int:
-    """The torch seed of augmentation view ``view`` of an image (63-bit, from BLAKE2b)."""
-    digest = hashlib.blake2b(f"{image_hash}|{view}|{aug_seed}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 @dataclass
 class FeatureResult:
     """Features of the readable inputs, in input order.
 
-    ``features`` is (N_ok, D) -- or (V, N_ok, D) for a view bank; ``index`` holds the input
+    ``features`` is (N_ok, D) -- or (N_ok, V, D) for augmented views; ``index`` holds the input
     positions they belong to; ``excluded`` lists ``(path, reason)`` of inputs without features.
     """
 
@@ -155,8 +155,6 @@ class _Table:
 
     def _load(self, shard: str) -> torch.Tensor:
         if shard not in self._cache:
-            from safetensors.torch import load_file
-
             sidecar = self.dir / f"{shard}.json"
             info = json.loads(sidecar.read_text())
             try:
@@ -184,8 +182,6 @@ class _Table:
         return out
 
     def write(self, hashes: list[str], features: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
         shard = f"shard-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
         features = features.detach().to("cpu", torch.float32).contiguous()
         with atomic_path(self.dir / f"{shard}.safetensors") as tmp:
@@ -244,12 +240,13 @@ class FeatureStore:
             write_json(self._hashes_file, self._known)
         return out
 
-    def table_key(self, backbone: Any, train: bool, view: int = 0, aug_seed: int = 0) -> dict[str, Any]:
+    def _table_key(self, backbone: Any, transform: Any, view: int | None = None,
+                   aug_seed: int = 0) -> dict[str, Any]:
+        """Key of the evaluation table (``view=None``) or of training view ``view``."""
+        train = view is not None
         return {
-            "backbone": backbone.name, "fingerprint": backbone.fingerprint,
-            "transform": repr(backbone.image_transform(train=train)),
-            "train": bool(train), "view": int(view) if train else 0,
-            "aug_seed": int(aug_seed) if train else 0,
+            "backbone": backbone.name, "fingerprint": backbone.fingerprint, "transform": repr(transform),
+            "train": train, "view": int(view) if train else 0, "aug_seed": int(aug_seed) if train else 0,
         }
 
     def _table(self, key: dict[str, Any]) -> _Table:
@@ -257,82 +254,102 @@ class FeatureStore:
 
     # -- extraction ----------------------------------------------------------------------------
     def features(
-        self, backbone: Any, paths: Sequence[str | os.PathLike[str]], *, train: bool = False,
-        view: int = 0, aug_seed: int = 0, batch_size: int = 64, num_workers: int | None = None,
-        strict: bool = False, progress: bool = True,
+        self, backbone: Any, paths: Sequence[str | os.PathLike[str]], *, batch_size: int = 64,
+        num_workers: int | None = None, strict: bool = False, progress: bool = True,
     ) -> FeatureResult:
-        """Features (N_ok, D) of ``paths`` under the eval transform, or view ``view`` of the train
-        transform; missing ones are encoded (and cached), the rest read from the cache."""
+        """Features (N_ok, D) of ``paths`` under the backbone's evaluation transform; missing ones
+        are encoded (and cached), the rest read from the cache. Augmented views: :meth:`views`."""
+        return self._one_table(backbone, paths, backbone.image_transform(), None, 0, batch_size=batch_size,
+                               num_workers=num_workers, strict=strict, progress=progress)
+
+    def views(
+        self, backbone: Any, paths: Sequence[str | os.PathLike[str]], views: int, *, kind: str,
+        augmix: bool | None = None, aug_seed: int = 0, batch_size: int = 64,
+        num_workers: int | None = None, strict: bool = False, progress: bool = True,
+    ) -> FeatureResult:
+        """Features (N_ok, V, D) of ``views`` augmented views per image, cached per view.
+
+        ``kind="train"``: the prompt-tuning views 0..V-1
+        (:func:`~calibprompt.data.views.train_view_transform`), for a bank from which training
+        draws one view per image and epoch. ``kind="test_time"``: TPT's views (Shu et al. 2022),
+        view 0 the evaluation transform (the table of :meth:`features`), views 1..V-1
+        :func:`~calibprompt.data.views.tpt_view_transform`. View v of an image runs under the
+        seed ``view_seed(image hash, v, aug_seed)``, so every method and hyperparameter evaluated
+        on the same ``(kind, views, augmix, aug_seed)`` sees identical views. ``augmix=None`` is
+        the kind's published default (train: off, test_time: on).
+        """
+        if kind not in VIEW_KINDS:
+            raise DataError(f"views: kind must be one of {VIEW_KINDS}, got {kind!r}")
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise DataError(f"views: expected a positive integer, got {views!r}")
+        kw = {"batch_size": batch_size, "num_workers": num_workers, "strict": strict, "progress": progress}
+        transform = view_transform(kind, backbone.image_transform(), augmix)
+        if kind == "train":
+            return self._train_views(backbone, paths, views, transform, aug_seed, **kw)
+        return self._test_time_views(backbone, paths, views, transform, aug_seed, **kw)
+
+    def _one_table(
+        self, backbone: Any, paths: Sequence[str | os.PathLike[str]], transform: Any, view: int | None,
+        aug_seed: int, *, batch_size: int, num_workers: int | None, strict: bool, progress: bool,
+    ) -> FeatureResult:
+        """Features (N_ok, D) of one table: the evaluation transform (``view=None``) or training
+        view ``view`` of ``transform`` under its per-image seeds."""
         paths = [Path(p) for p in paths]
         if not paths:
             raise DataError("features: no image paths given")
         hashes = self.hashes(paths)
-        key = self.table_key(backbone, train, view, aug_seed)
-        table = self._table(key)
+        table = self._table(self._table_key(backbone, transform, view, aug_seed))
         missing = list(dict.fromkeys(h for h in hashes if h not in table.rows))
         first = {h: i for i, h in reversed(list(enumerate(hashes)))}
         bad: dict[str, str] = {}
         encoded = 0
         if missing:
             todo = [first[h] for h in missing]
-            seeds = [view_seed(hashes[i], view, aug_seed) for i in todo] if train else None
+            seeds = None if view is None else [view_seed(hashes[i], view, aug_seed) for i in todo]
             encoded, bad = self._extract(backbone, [table], [paths[i] for i in todo],
-                                         [hashes[i] for i in todo], backbone.image_transform(train=train),
-                                         seeds, batch_size, num_workers, strict, progress,
-                                         label=f"{backbone.name} {'view ' + str(view) if train else 'eval'}")
+                                         [hashes[i] for i in todo], transform, seeds, batch_size,
+                                         num_workers, strict, progress,
+                                         label=f"{backbone.name} {'eval' if view is None else f'view {view}'}")
         index = [i for i, h in enumerate(hashes) if h in table.rows]
         excluded = [(str(paths[i]), bad.get(hashes[i], "no features")) for i, h in enumerate(hashes)
                     if h not in table.rows]
         try:
             feats = table.gather([hashes[i] for i in index]) if index else torch.empty(0, backbone.embed_dim)
         except _StaleShard:
-            return self.features(backbone, paths, train=train, view=view, aug_seed=aug_seed,
-                                 batch_size=batch_size, num_workers=num_workers, strict=strict,
-                                 progress=progress)
+            return self._one_table(backbone, paths, transform, view, aug_seed, batch_size=batch_size,
+                                   num_workers=num_workers, strict=strict, progress=progress)
         return FeatureResult(feats, index, [hashes[i] for i in index], excluded,
                              encoded=encoded, reused=len(set(hashes)) - len(missing),
                              tables=[str(table.dir)])
 
-    def view_bank(
-        self, backbone: Any, paths: Sequence[str | os.PathLike[str]], views: int, *,
-        aug_seed: int = 0, **kwargs: Any,
+    def _train_views(
+        self, backbone: Any, paths: Sequence[str | os.PathLike[str]], views: int, transform: Any,
+        aug_seed: int, **kw: Any,
     ) -> FeatureResult:
-        """Features (V, N_ok, D) of ``views`` augmented views per image (see module docstring)."""
-        if views < 1:
-            raise DataError(f"views: expected a positive integer, got {views}")
-        results = [self.features(backbone, paths, train=True, view=v, aug_seed=aug_seed, **kwargs)
-                   for v in range(views)]
+        """The ``kind="train"`` views: one table (and one encoding pass) per view."""
+        results = [self._one_table(backbone, paths, transform, v, aug_seed, **kw) for v in range(views)]
         index = sorted(set.intersection(*(set(r.index) for r in results)))
         rows = [{i: row for row, i in enumerate(r.index)} for r in results]
-        stacked = torch.stack([r.features[[m[i] for i in index]] for r, m in zip(results, rows, strict=True)])
+        stacked = torch.stack([r.features[[m[i] for i in index]] for r, m in zip(results, rows, strict=True)],
+                              dim=1)
         excluded = list(dict.fromkeys(e for r in results for e in r.excluded))
         return FeatureResult(stacked, index, [results[0].hashes[rows[0][i]] for i in index],
                              excluded, encoded=sum(r.encoded for r in results),
                              reused=sum(r.reused for r in results),
                              tables=[t for r in results for t in r.tables])
 
-    def test_time_views(
-        self, backbone: Any, paths: Sequence[str | os.PathLike[str]], views: int = 64, *,
-        augmix: bool = True, aug_seed: int = 0, batch_size: int = 64, num_workers: int | None = None,
-        strict: bool = False, progress: bool = True,
+    def _test_time_views(
+        self, backbone: Any, paths: Sequence[str | os.PathLike[str]], views: int, transform: Any,
+        aug_seed: int, **kw: Any,
     ) -> FeatureResult:
-        """Features (N_ok, V, D) of TPT's ``views`` views per image (Shu et al. 2022): view 0 is the
-        evaluation transform (the same cache table as :meth:`features`), views 1..V-1 are
-        :func:`~calibprompt.backbones.transforms.tpt_view_transform` under the seed
-        ``view_seed(image hash, v, aug_seed)``. Every method and hyperparameter evaluated on
-        the same ``(views, augmix, aug_seed)`` therefore sees identical views."""
-        from calibprompt.backbones.transforms import tpt_view_transform
-
-        if views < 1:
-            raise DataError(f"views: expected a positive integer, got {views}")
-        kw = {"batch_size": batch_size, "num_workers": num_workers, "strict": strict, "progress": progress}
+        """The ``kind="test_time"`` views: the evaluation features, then views 1..V-1 of every
+        image encoded in one pass (the image decoded once)."""
         original = self.features(backbone, paths, **kw)
         if views == 1:
             original.features = original.features[:, None]
             return original
         paths = [Path(p) for p in paths]
         hashes = self.hashes(paths)
-        transform = tpt_view_transform(backbone.image_transform(train=False), augmix=augmix)
         tables = [self._table({
             "backbone": backbone.name, "fingerprint": backbone.fingerprint, "transform": repr(transform),
             "kind": "test_time_view", "view": v, "aug_seed": int(aug_seed),
@@ -344,14 +361,14 @@ class FeatureStore:
             first = {h: i for i, h in reversed(list(enumerate(hashes)))}
             seeds = [[view_seed(h, v, aug_seed) for v in range(1, views)] for h in missing]
             encoded, bad = self._extract(backbone, tables, [paths[first[h]] for h in missing], missing,
-                                         transform, seeds, batch_size, num_workers, strict, progress,
-                                         label=f"{backbone.name} {views} test-time views")
+                                         transform, seeds, kw["batch_size"], kw["num_workers"], kw["strict"],
+                                         kw["progress"], label=f"{backbone.name} {views} test-time views")
             if bad:  # decoded once for the original view; failing now means the file changed
                 raise DataError(f"{next(iter(bad.values()))}: image changed while its views were encoded")
         try:
             augmented = torch.stack([t.gather(original.hashes) for t in tables], dim=1)
         except _StaleShard:
-            return self.test_time_views(backbone, paths, views, augmix=augmix, aug_seed=aug_seed, **kw)
+            return self._test_time_views(backbone, paths, views, transform, aug_seed, **kw)
         return FeatureResult(torch.cat([original.features[:, None], augmented], dim=1), original.index,
                              original.hashes, original.excluded, encoded=original.encoded + encoded,
                              reused=len(readable) - len(missing),
@@ -364,8 +381,6 @@ class FeatureStore:
     ) -> tuple[int, dict[str, str]]:
         """Encode ``paths`` into ``tables``: one table, or one per view when each image has a
         list of view seeds (items are then (V, 3, H, W) and view v goes to ``tables[v]``)."""
-        from calibprompt.progress import rate_progress
-
         if num_workers is None:
             num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
         multi = seeds is not None and isinstance(seeds[0], list)

@@ -12,6 +12,7 @@ backbone/dataset pair the paper did not tune (alpha 0.1, AS weight 1).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,7 +56,5 @@ def run_demo(
     rows, written = build_report(out / "runs", out=out, runs=runs, n_bins=n_bins, n_resamples=n_resamples)
     order = list(DEMO_METHODS)
     rows = sorted(rows, key=lambda r: order.index(r.method))
-    import json
-
     n_test = json.loads((runs[0] / "metrics.json").read_text())["uncalibrated"]["n_samples"]
     return DemoReport(rows, out, time.perf_counter() - start, written, n_test)

@@ -4,8 +4,8 @@ Protocol of CalibPrompt / CoOp (Zhou et al. 2022, as CalibPrompt runs it), the d
 momentum 0.9, weight decay 5e-4, batch 16 (drop_last when the set has >= 16 images), 50 epochs,
 one warm-up epoch at a constant 1e-5 (1e-3 for MedCLIP), then cosine annealing stepped per epoch
 (Dassl's ``ConstantWarmupScheduler`` around ``CosineAnnealingLR(T_max=epochs)``), last-epoch
-model. Each epoch uses one augmented view per image, drawn from a pre-computed view bank, so no
-image is encoded during training.
+model. Each epoch uses one augmented view per image, drawn from pre-computed view features
+(``FeatureStore.views(..., kind="train")``, (N, V, D)), so no image is encoded during training.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class EpochLog:
 
 def train_prompt(
     learner: PromptLearner,
-    view_bank: torch.Tensor,
+    views: torch.Tensor,
     labels: torch.Tensor,
     objective: Objective,
     config: TrainConfig = TrainConfig(),
@@ -87,7 +87,9 @@ def train_prompt(
     start_epoch: int = 0,
     optimizer_state: dict[str, Any] | None = None,
 ) -> list[EpochLog]:
-    """Tune ``learner.ctx`` on image features ``view_bank`` (V, N, D) with ``labels`` (N,).
+    """Tune ``learner.ctx`` on image features ``views`` (N, V, D) -- V augmented views of each
+    image, as :meth:`calibprompt.data.FeatureStore.views` returns them; (N, D) is one view -- with
+    ``labels`` (N,).
 
     Epoch e draws, for every image, view ``rng.integers(V)`` and a shuffle, both from a generator
     seeded by ``(config.seed, e)`` -- so a run resumed at ``start_epoch`` (with the learner's
@@ -95,19 +97,19 @@ def train_prompt(
     uninterrupted run would. ``zs_text_features`` (C, D) give the zero-shot logits of the same
     image features for objectives that need them (ZS-Norm, Penalty).
     """
-    if view_bank.ndim == 2:
-        view_bank = view_bank[None]
-    if view_bank.ndim != 3 or view_bank.shape[1] != labels.shape[0]:
-        raise ValueError(f"view_bank: expected (V, N, D) with N = {labels.shape[0]}, got {tuple(view_bank.shape)}")
+    if views.ndim == 2:
+        views = views[:, None]
+    if views.ndim != 3 or views.shape[0] != labels.shape[0]:
+        raise ValueError(f"views: expected (N, V, D) with N = {labels.shape[0]}, got {tuple(views.shape)}")
     needs_zs = "zs_logits" in objective.required_inputs
     if needs_zs and zs_text_features is None:
         raise ValueError(f"objective {objective}: needs zero-shot text features (zs_text_features)")
     device = learner.ctx.device
-    feats = view_bank.to(device, torch.float32)
+    feats = views.to(device, torch.float32)
     labels = labels.to(device)
     zs_text = zs_text_features.to(device) if needs_zs else None
     scale = learner.backbone.logit_scale
-    n_views, n = feats.shape[0], feats.shape[1]
+    n, n_views = feats.shape[0], feats.shape[1]
     optimizer = torch.optim.SGD([learner.ctx], lr=coop_lr(start_epoch, config), momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     if optimizer_state is not None:
@@ -118,12 +120,12 @@ def train_prompt(
         for group in optimizer.param_groups:
             group["lr"] = lr
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, 3, epoch]))
-        views = rng.integers(0, n_views, size=n)
+        drawn = rng.integers(0, n_views, size=n)  # the view of each image this epoch
         batches = epoch_batches(n, config.batch_size, rng)
         total, sums, correct, seen = 0.0, {}, 0, 0
         for batch in batches:
             index = torch.as_tensor(batch, device=device)
-            image = feats[torch.as_tensor(views[batch], device=device), index]
+            image = feats[index, torch.as_tensor(drawn[batch], device=device)]
             text = learner()
             logits = scale * image @ text.T
             inputs: dict[str, torch.Tensor] = {"logits": logits, "labels": labels[index],

@@ -17,8 +17,8 @@ of the first step are computed once per batch (C prompts, not B x C); each image
 then one vector-Jacobian product through that single graph, B of them batched with
 ``torch.autograd.grad(..., is_grads_batched=True)``. The result equals B separate forwards.
 
-This module holds the algorithm on pre-computed view features
-(:meth:`calibprompt.data.FeatureStore.test_time_views`); runs over a test set, presets and the
+This module holds the algorithm on pre-computed view features, (B, V, D) with the original at
+view 0 (``FeatureStore.views(..., kind="test_time")``); runs over a test set, presets and the
 CLI are in :mod:`calibprompt.runs.tpt`.
 """
 

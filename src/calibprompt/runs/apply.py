@@ -29,6 +29,7 @@ from calibprompt.data import FeatureStore, load_dataset
 from calibprompt.data.datasets import IMAGE_EXTENSIONS
 from calibprompt.files import slug, write_json, write_text
 from calibprompt.metrics import METRICS_VERSION
+from calibprompt.plots import plot_reliability
 from calibprompt.runs.common import cached_backbone, dataset_fingerprint, device_kind
 from calibprompt.runs.directory import RunDirectory, read_predictions, read_record, write_npz
 from calibprompt.runs.execute import RunResult, score
@@ -182,8 +183,6 @@ class Run:
         ``external/<dataset>-<split>-<id>/`` (predictions, metrics with and without the run's
         temperature, reliability diagram), identified by the run, the data's content, ``n_bins``,
         the metrics version and the device kind; a finished one is reused unless ``force``."""
-        from calibprompt.plots import plot_reliability
-
         n_bins = int(n_bins or self.metrics.get("n_bins", 15))
         if n_bins < 1:
             raise ValueError(f"n_bins: expected a positive integer, got {n_bins}")

@@ -7,19 +7,37 @@ import platform
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from calibprompt import __version__
+from calibprompt.backbones import load_backbone
 from calibprompt.data import Dataset, FeatureStore
 from calibprompt.runs.directory import RunDirectory
 from calibprompt.runs.identity import RunIdentity, data_fingerprint
 
-__all__ = ["Outputs", "Plan", "RunConfigBase", "cached_backbone", "dataset_fingerprint", "device_kind",
-           "package_versions"]
+__all__ = [
+    "Outputs",
+    "Plan",
+    "RunConfigBase",
+    "cached_backbone",
+    "dataset_fingerprint",
+    "device_kind",
+    "option",
+    "package_versions",
+]
+
+
+def option(default: Any = MISSING, help: str = "", **cli: Any) -> Any:
+    """A config field with its documentation: ``help`` (shown by ``--help``, with the default) and
+    command-line details (``choices``, ``metavar``, ``default_text`` -- how to show a default that
+    is resolved later, ``cli=False`` for fields without a flag). The schema is the one place of
+    each default: the CLI's flags are generated from it."""
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass(frozen=True)
@@ -29,17 +47,18 @@ class RunConfigBase:
 
     kind: ClassVar[str] = ""
 
-    backbone: str
-    dataset: str
-    root: str
-    method: str = ""
-    weights: str | None = None
-    seed: int = 1
-    precision: str = "fp32"
-    device: str = "cpu"
-    cache: str | None = None
-    workers: int | None = None
-    progress: bool = True
+    backbone: str = option(help="plip, quiltnet, biomedclip, medclip, clip:<open_clip architecture>, demo")
+    dataset: str = option(help="covid, rsna18, kather, pannuke, digestpath, demo, imagefolder, csv")
+    root: str = option(help="dataset root (ROOT or ROOT/<dataset dir>; for csv, the CSV file)")
+    method: str = option("", help="the method")
+    weights: str | None = option(None, help="hub id, local directory or file", default_text="the family's hub id")
+    seed: int = option(1, help="seed of everything random in the run (splits, initialisation, views, batches)")
+    precision: str = option("fp32", help="precision of the frozen backbone", choices=("fp32", "bf16", "fp16"))
+    device: str = option("cpu", help="torch device: cpu, cuda, cuda:1, mps")
+    cache: str | None = option(None, help="feature cache directory",
+                               default_text="$CALIBPROMPT_CACHE or ~/.cache/calibprompt")
+    workers: int | None = option(None, help="image-decoding worker processes", default_text="cores - 1, at most 4")
+    progress: bool = option(True, help="progress bars", cli=False)  # the CLI's --quiet
 
     def check_types(self) -> None:
         """Every field holds a value of its declared type (a sweep file or a Python caller can pass
@@ -115,8 +134,6 @@ _BACKBONES: dict[tuple, Any] = {}
 def cached_backbone(name: str, weights: str | None, device: str, precision: str) -> Any:
     """The frozen backbone of a run, kept for the next run of a sweep (loading and
     fingerprinting a ViT-B model costs seconds; the last two backbones stay in memory)."""
-    from calibprompt.backbones import load_backbone
-
     key = (name, weights, device, precision)
     if key not in _BACKBONES:
         while len(_BACKBONES) >= 2:
@@ -149,9 +166,7 @@ def device_kind(device: str) -> str:
 
 def package_versions() -> dict[str, str]:
     """Versions of calibprompt and the libraries that decide its numbers."""
-    import calibprompt
-
-    out = {"calibprompt": calibprompt.__version__, "torch": torch.__version__, "numpy": np.__version__,
+    out = {"calibprompt": __version__, "torch": torch.__version__, "numpy": np.__version__,
            "python": platform.python_version()}
     for name in ("open_clip", "transformers"):
         try:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.torch import load_file, save_file
 
 from calibprompt.files import atomic_path, write_json
 
@@ -100,15 +101,11 @@ class RunDirectory:
     def save_checkpoint(self, tensors: dict[str, Any], info: dict[str, Any]) -> None:
         """Tensors (safetensors) then their JSON sidecar, each atomically: the sidecar is the
         commit point, so a kill between the two writes leaves the previous checkpoint valid."""
-        from safetensors.torch import save_file
-
         with atomic_path(self.path("checkpoint.safetensors")) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         write_json(self.path("checkpoint.json"), info)
 
     def load_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        from safetensors.torch import load_file
-
         info, tensors = self.path("checkpoint.json"), self.path("checkpoint.safetensors")
         if not (info.is_file() and tensors.is_file()):
             return None

@@ -3,6 +3,7 @@ predictions, metrics, diagram -> atomic rename. Every method goes through :func:
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -12,9 +13,12 @@ from typing import Any
 import numpy as np
 from scipy.special import softmax
 
+from calibprompt.calibrators import TemperatureScaling
+from calibprompt.files import write_json
 from calibprompt.metrics import BINNING_CONVENTION, evaluate
+from calibprompt.plots import plot_reliability
 from calibprompt.runs.common import Outputs, Plan, package_versions
-from calibprompt.runs.directory import RunDirectory, read_record, write_npz
+from calibprompt.runs.directory import RunDirectory, read_predictions, read_record, write_npz
 from calibprompt.runs.identity import SCHEMA_VERSION
 
 __all__ = ["RunResult", "execute_run", "plan_record", "score"]
@@ -34,8 +38,6 @@ def score(test_logits: np.ndarray, test_labels: np.ndarray, n_bins: int, *,
     """Test metrics of ``softmax(test_logits)`` at ``n_bins``; with validation logits, temperature
     scaling is fitted there (never on test) and the scaled metrics are added; a given
     ``temperature`` (fitted earlier, e.g. for an external test set) is applied as is."""
-    from calibprompt.calibrators import TemperatureScaling
-
     test_logits = np.asarray(test_logits, dtype=np.float64)
     out: dict[str, Any] = {"n_bins": int(n_bins),
                            "uncalibrated": evaluate(softmax(test_logits, axis=1), test_labels, n_bins=n_bins)}
@@ -68,9 +70,6 @@ def _finite(value: Any) -> Any:
 def _rebinned(directory: Path, metrics: dict[str, Any], n_bins: int) -> dict[str, Any]:
     """A finished run's metrics at ``n_bins`` (its temperature kept), stored as
     ``metrics_<n_bins>bins.json`` beside its ``metrics.json``."""
-    from calibprompt.files import write_json
-    from calibprompt.runs.directory import read_predictions
-
     preds = read_predictions(directory)
     out = {**metrics, **score(preds["test_logits"], preds["test_labels"], n_bins,
                               temperature=metrics.get("temperature"))}
@@ -93,8 +92,6 @@ def plan_record(plan: Plan) -> dict[str, Any]:
 
 
 def _finalize(directory: RunDirectory, outputs: Outputs, plan: Plan) -> dict[str, Any]:
-    from calibprompt.plots import plot_reliability
-
     arrays: dict[str, Any] = {"test_logits": np.asarray(outputs.test_logits, np.float64),
                               "test_labels": np.asarray(outputs.test_labels, np.int64),
                               "test_files": np.asarray(outputs.test_files, dtype=str)}
@@ -116,8 +113,6 @@ def execute_run(config: Any, out: str | Path, force: bool = False) -> RunResult:
     """Validate and identify ``config`` (any run config: :class:`~calibprompt.runs.PromptRunConfig`,
     :class:`~calibprompt.runs.TPTRunConfig`), then run it under ``out``. A finished run with the
     same identity is skipped unless ``force``; an interrupted one resumes from its checkpoint."""
-    import json
-
     plan: Plan = config.plan()
     directory = RunDirectory(Path(out) / plan.path)
     if directory.finished and not force:

@@ -19,11 +19,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from calibprompt.data import DataError, FeatureStore, few_shot, load_dataset, validation_split
 from calibprompt.files import atomic_path, slug, write_json
+from calibprompt.methods import coop  # coop.train_prompt: one name for tests to patch
 from calibprompt.methods.coop import TrainConfig
+from calibprompt.methods.zeroshot import zeroshot_logits, zeroshot_text_features
 from calibprompt.metrics import METRICS_VERSION
+from calibprompt.objective import PRESETS, Objective
+from calibprompt.prompts import POSITIONS, PromptLearner
 from calibprompt.runs.common import (
     Outputs,
     Plan,
@@ -31,6 +36,7 @@ from calibprompt.runs.common import (
     cached_backbone,
     dataset_fingerprint,
     device_kind,
+    option,
 )
 from calibprompt.runs.directory import RunDirectory
 from calibprompt.runs.identity import RunIdentity, run_name
@@ -39,6 +45,9 @@ __all__ = ["PROTOCOL_VERSION", "PromptRunConfig", "RunConfig"]
 
 #: Bumped when the prompt-tuning or zero-shot procedure changes its results.
 PROTOCOL_VERSION = 1
+
+#: The warm-up learning rate of MedCLIP in the published framework (others: TrainConfig's).
+MEDCLIP_WARMUP_LR = 1e-3
 
 #: Fields that only apply to prompt tuning (not part of a zero-shot run's identity or name).
 TRAINING_FIELDS = ("shots", "n_ctx", "init", "position", "class_specific", "views", "epochs",
@@ -61,35 +70,39 @@ class PromptRunConfig(RunConfigBase):
 
     kind: ClassVar[str] = "prompt"
 
-    method: str = "calibprompt"
-    shots: int = 8
-    n_ctx: int = 16
-    init: str = "random"
-    position: str = "end"
-    class_specific: bool = False
-    views: int = 50
-    epochs: int = 50
-    batch_size: int = 16
-    lr: float = 0.002
-    warmup_lr: float | None = None
-    n_bins: int = 15
-    val_per_class: int | None = None
-    alpha: float | None = None
-    weight: float | None = None
+    method: str = option("calibprompt", help="objective preset (ce, ls, focal, mdca, dca, mmce, mbls, logitnorm, "
+                                             "zsnorm, penalty, smac, calibprompt), an objective expression, or zeroshot")
+    shots: int = option(8, help="labelled images per class")
+    n_ctx: int = option(16, help="context vectors")
+    init: str = option("random", help="context initialisation", choices=("random", "words"))
+    position: str = option("end", help="class name position relative to the context", choices=POSITIONS)
+    class_specific: bool = option(False, help="one context per class")
+    views: int = option(50, help="cached augmented views per training image")
+    epochs: int = option(TrainConfig.epochs, help="training epochs")
+    batch_size: int = option(TrainConfig.batch_size, help="training batch size")
+    lr: float = option(TrainConfig.lr, help="SGD learning rate")
+    warmup_lr: float | None = option(None, help="learning rate of the warm-up epoch",
+                                     default_text=f"{MEDCLIP_WARMUP_LR:g} for MedCLIP, else {TrainConfig.warmup_lr:g}")
+    n_bins: int = option(15, help="bins of ECE/MCE/ACE in metrics.json")
+    val_per_class: int | None = option(None, help="validation images per class for temperature scaling",
+                                       default_text="max(4, 64 / classes), at most what is left")
+    alpha: float | None = option(None, help="calibprompt/smac presets: the LS = SMAC alpha",
+                                 default_text="the paper's for this backbone and dataset")
+    weight: float | None = option(None, help="calibprompt preset: the angular-separation weight",
+                                  default_text="the paper's for this backbone and dataset")
 
     @property
     def zero_shot(self) -> bool:
         return self.method == "zeroshot"
 
     def train_config(self) -> TrainConfig:
-        warmup = self.warmup_lr if self.warmup_lr is not None else (1e-3 if self.backbone == "medclip" else 1e-5)
+        default = MEDCLIP_WARMUP_LR if self.backbone == "medclip" else TrainConfig.warmup_lr
+        warmup = self.warmup_lr if self.warmup_lr is not None else default
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, warmup_lr=warmup,
                            seed=self.seed)
 
     def objective(self):
         """The resolved objective (``None`` for zero-shot); errors name the bad option."""
-        from calibprompt.objective import PRESETS, Objective
-
         overrides = {k: v for k, v in (("alpha", self.alpha), ("weight", self.weight)) if v is not None}
         if self.zero_shot:
             if overrides:
@@ -103,8 +116,6 @@ class PromptRunConfig(RunConfigBase):
 
     def validate(self) -> None:
         """Reject values no run can have (before anything is loaded or written)."""
-        from calibprompt.prompts import POSITIONS
-
         self.check_types()
         if self.init not in ("random", "words"):
             raise ValueError(f"init: expected 'random' or 'words', got {self.init!r}")
@@ -193,10 +204,6 @@ class PromptRunConfig(RunConfigBase):
                        *, workers: int | None = None, progress: bool = True):
         """Logits of new images under the run's classifier (``classifier.safetensors``):
         ``s · f(x) · Tᵀ`` with the run's class features T. Returns (logits, index, excluded)."""
-        from safetensors.torch import load_file
-
-        from calibprompt.methods.zeroshot import zeroshot_logits
-
         tensors = load_file(str(Path(directory) / "classifier.safetensors"))
         feats = store.features(backbone, paths, num_workers=workers, progress=progress)
         logits = zeroshot_logits(feats.features, tensors["text_features"], float(tensors["logit_scale"]))
@@ -209,12 +216,6 @@ RunConfig = PromptRunConfig
 
 def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store: FeatureStore,
           train: Any, test: Any, objective: Any, val_per_class: int) -> Outputs:
-    from safetensors.torch import save_file
-
-    from calibprompt.methods.coop import train_prompt
-    from calibprompt.methods.zeroshot import zeroshot_logits, zeroshot_text_features
-    from calibprompt.prompts import PromptLearner
-
     kw = {"num_workers": config.workers, "progress": config.progress}
     shots = None
     if not config.zero_shot:
@@ -232,7 +233,7 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
         text = zs_text
     else:
         shot_set = shots.subset_of(train)
-        bank = store.view_bank(backbone, shot_set.paths, views=config.views, aug_seed=config.seed, **kw)
+        bank = store.views(backbone, shot_set.paths, config.views, kind="train", aug_seed=config.seed, **kw)
         tables |= set(bank.tables)
         learner = PromptLearner(backbone, train.classnames, n_ctx=config.n_ctx, init=config.init,
                                 position=config.position, class_specific=config.class_specific,
@@ -258,7 +259,7 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
             directory.save_checkpoint(tensors, {"epoch": log.epoch, "logs": logs,
                                                 "param_groups": state["param_groups"]})
 
-        train_prompt(learner, bank.features, torch.as_tensor(shot_set.labels[bank.index]), objective,
+        coop.train_prompt(learner, bank.features, torch.as_tensor(shot_set.labels[bank.index]), objective,
                      config.train_config(), zs_text, on_epoch=on_epoch, start_epoch=start_epoch,
                      optimizer_state=optimizer_state)
         with torch.no_grad():

@@ -30,7 +30,9 @@ from typing import Any
 import yaml
 
 from calibprompt.data import load_dataset
+from calibprompt.runs.apply import KINDS
 from calibprompt.runs.execute import RunResult, execute_run
+from calibprompt.runs.report import write_report
 
 __all__ = ["load_sweep", "run_sweep"]
 
@@ -55,8 +57,6 @@ def _entries(value: Any, key: str, name_key: str = "name") -> list[dict[str, Any
 
 def load_sweep(path: str | Path) -> tuple[list[Any], Path]:
     """The run configs of a sweep file (validated) and its output directory."""
-    from calibprompt.runs.apply import KINDS
-
     path = Path(path)
     try:
         spec = yaml.safe_load(path.read_text())
@@ -121,8 +121,6 @@ def run_sweep(path: str | Path, out: str | Path | None = None, force: bool = Fal
               n_resamples: int = 1000) -> list[RunResult]:
     """Execute every run of the sweep file (skipping finished ones) and write the report of these
     runs into the output directory."""
-    from calibprompt.runs.report import write_report
-
     configs, default_out = load_sweep(path)
     target = Path(out) if out is not None else default_out
     results = []

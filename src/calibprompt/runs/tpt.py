@@ -1,14 +1,15 @@
 """Test-time prompt tuning runs (the ``tpt`` kind): TPT, C-TPT, O-TPT, SoC and zero-shot with the
 same initial prompt, over a test split -- resumable, on cached views.
 
-The views come from :meth:`calibprompt.data.FeatureStore.test_time_views`, keyed by (image, view,
-``seed``): every method and every regulariser weight run with the same seed is evaluated on
+The views come from :meth:`calibprompt.data.FeatureStore.views` (``kind="test_time"``), keyed by
+(image, view, ``seed``): every method and every regulariser weight run with the same seed is evaluated on
 identical views, and a second method re-encodes nothing.
 
 Files of a TPT run besides the common ones (:mod:`calibprompt.runs.directory`):
 ``prompt.safetensors`` (the initial context every image starts from -- what :meth:`Run.predict`
-adapts to new images) and, while running (removed when the run is complete), ``parts/<split>-*.npz`` (logits of the images adapted
-so far, written atomically per group; an interrupted run resumes after the last complete part).
+adapts to new images) and, while running (removed when the run is complete),
+``parts/<split>-*.npz`` (logits of the images adapted so far, written atomically per group; an
+interrupted run resumes after the last complete part).
 With ``val_per_class`` the run also adapts a seeded validation split of the train pool, so that
 temperature scaling can be fitted (``calibprompt calibrate`` needs it).
 """
@@ -24,12 +25,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from calibprompt import losses
 from calibprompt.data import DataError, FeatureStore, load_dataset, validation_split
 from calibprompt.files import atomic_path, slug, write_json
+from calibprompt.methods import (
+    tpt as tpt_method,  # tpt_method.tpt_adapt: one name for tests to patch
+)
 from calibprompt.methods.tpt import TPTConfig
 from calibprompt.metrics import METRICS_VERSION
+from calibprompt.progress import rate_progress
+from calibprompt.prompts import PromptLearner
 from calibprompt.runs.common import (
     Outputs,
     Plan,
@@ -37,6 +44,7 @@ from calibprompt.runs.common import (
     cached_backbone,
     dataset_fingerprint,
     device_kind,
+    option,
 )
 from calibprompt.runs.directory import RunDirectory, write_npz
 from calibprompt.runs.identity import RunIdentity, run_name
@@ -78,29 +86,41 @@ NON_EFFECTIVE = ("root", "weights", "device", "cache", "workers", "batch_size", 
 ADAPTATION_FIELDS = ("lam", "delta", "selection", "steps", "lr", "weight_decay", "views", "augmix")
 
 
+def _protocol(key: str) -> str:
+    """How --help shows a default the protocol supplies."""
+    return f"the protocol's: {PROTOCOLS['published'][key]!r} with published"
+
+
 @dataclass(frozen=True)
 class TPTRunConfig(RunConfigBase):
     """One test-time tuning run; ``None`` fields take the method's / protocol's default."""
 
     kind: ClassVar[str] = "tpt"
 
-    method: str = "tpt"
-    protocol: str = "published"
-    lam: float | None = None
-    delta: float | None = None
-    views: int | None = None
-    augmix: bool | None = None
-    selection: float | None = None
-    steps: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    ctx_init: str | None = None
-    autocast: bool | None = None
-    n_bins: int | None = None
-    init_prompt: str | None = None
-    limit: int | None = None
-    val_per_class: int | None = None
-    batch_size: int = 16
+    method: str = option("tpt", help="test-time method", choices=tuple(METHOD_DEFAULTS))
+    protocol: str = option("published", help="the defaults of the fields below", choices=tuple(PROTOCOLS))
+    lam: float | None = option(None, help="regulariser weight",
+                               default_text=", ".join(f"{m} {d['lam']:g}" for m, d in METHOD_DEFAULTS.items()
+                                                      if d.get("lam")))
+    delta: float | None = option(None, help="SoC Huber threshold", default_text=f"{losses.SOC_DELTA:g}")
+    views: int | None = option(None, help="views per image incl. the original", default_text=_protocol("views"))
+    augmix: bool | None = option(None, help="AugMix on the augmented views", default_text=_protocol("augmix"))
+    selection: float | None = option(None, help="fraction of lowest-entropy views kept",
+                                     default_text=_protocol("selection"))
+    steps: int | None = option(None, help="AdamW steps per image", default_text=_protocol("steps"))
+    lr: float | None = option(None, help="AdamW learning rate", default_text=_protocol("lr"))
+    weight_decay: float | None = option(None, help="AdamW weight decay", default_text=_protocol("weight_decay"))
+    ctx_init: str | None = option(None, help="initial context words", default_text=_protocol("ctx_init"))
+    autocast: bool | None = option(None, help="fp16 autocast on CUDA, as the published code",
+                                   default_text=_protocol("autocast"))
+    n_bins: int | None = option(None, help="bins of ECE/MCE/ACE in metrics.json", default_text=_protocol("n_bins"))
+    init_prompt: str | None = option(None, help="start from a CoOp-tuned context: a train run directory or its "
+                                                "prompt.safetensors", metavar="RUN_OR_FILE")
+    limit: int | None = option(None, help="a class-stratified subset of N test images", metavar="N",
+                               default_text="all")
+    val_per_class: int | None = option(None, help="also adapt N validation images per class of the train pool "
+                                                  "(for temperature scaling)", metavar="N", default_text="none")
+    batch_size: int = option(16, help="images adapted at once")
 
     def resolved(self) -> TPTRunConfig:
         """Every ``None`` filled from the protocol and the method; validated."""
@@ -196,8 +216,8 @@ class TPTRunConfig(RunConfigBase):
         config = self.resolved()
         learner = _learner_from_file(backbone, Path(directory) / "prompt.safetensors",
                                      json.loads((Path(directory) / "config.json").read_text())["classnames"])
-        views = store.test_time_views(backbone, paths, _views(config), augmix=config.augmix,
-                                      aug_seed=config.seed, num_workers=workers, progress=progress)
+        views = store.views(backbone, paths, _views(config), kind="test_time", augmix=config.augmix,
+                            aug_seed=config.seed, num_workers=workers, progress=progress)
         logits = _adapt(learner, views.features, config, progress, "adapting")
         return logits, views.index, views.excluded
 
@@ -222,10 +242,6 @@ def _views(config: TPTRunConfig) -> int:
 
 
 def _learner_from_file(backbone: Any, path: Path, classnames: list[str]):
-    from safetensors.torch import load_file
-
-    from calibprompt.prompts import PromptLearner
-
     tensors = load_file(str(path))
     ctx = tensors["ctx"]
     position = {0: "end", 1: "middle", 2: "front"}[int(tensors.get("position", torch.tensor(0)))]
@@ -238,10 +254,6 @@ def _learner_from_file(backbone: Any, path: Path, classnames: list[str]):
 def _initial_learner(backbone: Any, classnames: list[str], config: TPTRunConfig):
     """The prompt every image starts from: ``ctx_init`` words, or a CoOp-tuned context (TPT + CoOp)
     read from a run directory or its ``prompt.safetensors``. Returns (learner, digest of the prompt)."""
-    from safetensors.torch import load_file
-
-    from calibprompt.prompts import PromptLearner
-
     if config.init_prompt is None:
         return PromptLearner(backbone, classnames, init="words", init_words=config.ctx_init), None
     path = Path(config.init_prompt)
@@ -276,9 +288,6 @@ def _adapt(learner: Any, features: torch.Tensor, config: TPTRunConfig, progress:
            done: dict[int, np.ndarray] | None = None, save_part: Any = None) -> np.ndarray:
     """Logits of every image (batched ``tpt_adapt``), skipping positions in ``done`` and handing
     each finished group of :data:`PART_IMAGES` images to ``save_part(positions, logits)``."""
-    from calibprompt.methods.tpt import tpt_adapt
-    from calibprompt.progress import rate_progress
-
     done = dict(done or {})
     n = features.shape[0]
     todo = [p for p in range(n) if p not in done]
@@ -292,7 +301,7 @@ def _adapt(learner: Any, features: torch.Tensor, config: TPTRunConfig, progress:
             logits = []
             for b in range(0, len(chunk), config.batch_size):
                 batch = chunk[b: b + config.batch_size]
-                out_logits, _ = tpt_adapt(learner, features[batch], tpt)
+                out_logits, _ = tpt_method.tpt_adapt(learner, features[batch], tpt)
                 logits.append(out_logits.double().cpu().numpy())
                 rate = (g + b + len(batch)) / max(time.perf_counter() - start, 1e-9)
                 bar.update(task, advance=len(batch), rate=f"{rate:.2f}")
@@ -314,8 +323,6 @@ def _done_parts(parts: Path, split: str) -> dict[int, np.ndarray]:
 
 def _work(config: TPTRunConfig, directory: RunDirectory, backbone: Any, store: FeatureStore, learner: Any,
           test: Any, train: Any) -> Outputs:
-    from safetensors.torch import save_file
-
     with atomic_path(directory.path("prompt.safetensors")) as tmp:
         position = {"end": 0, "middle": 1, "front": 2}[learner.position]
         save_file({"ctx": learner.ctx.detach().cpu().contiguous(), "position": torch.tensor(position)}, str(tmp))
@@ -326,7 +333,7 @@ def _work(config: TPTRunConfig, directory: RunDirectory, backbone: Any, store: F
 
     def run_split(name: str, dataset: Any) -> tuple[np.ndarray, Any, float, int]:
         paths = dataset.paths
-        views = store.test_time_views(backbone, paths, _views(config), **kw)
+        views = store.views(backbone, paths, _views(config), kind="test_time", **kw)
         tables.update(views.tables)
         done = _done_parts(parts, name)
 

@@ -1,10 +1,10 @@
 """The embedded demo model: a small CLIP (open_clip architecture) with a word-level tokenizer.
 
-Trained by ``scripts/train_demo_model.py`` on procedurally generated tissue patches
-(:mod:`calibprompt.demo.tissue`) and shipped inside the package as
-``demo_model.safetensors`` + ``demo_model.json`` (architecture, vocabulary, preprocessing,
-training record). Loaded with ``load_backbone("demo")``; it goes through the same
-:class:`~calibprompt.backbones.openclip.OpenClipBackbone` adapter as QuiltNet.
+Trained by ``scripts/train_demo_model.py`` on procedurally generated tissue patches (the demo's
+tissue generator) and shipped inside this package as ``demo_model.safetensors`` +
+``demo_model.json`` (architecture, vocabulary, preprocessing, training record). Loaded with
+``load_backbone("demo")``; it goes through the same :class:`~calibprompt.backbones.openclip.OpenClipBackbone`
+adapter as QuiltNet.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from typing import Any
 import torch
 
 from calibprompt.backbones.base import BackboneLoadError
+from calibprompt.backbones.openclip import OpenClipBackbone
+from calibprompt.backbones.sources import assign_state_dict, load_state_dict
 
-__all__ = ["DemoTokenizer", "build_demo_clip", "demo_vocabulary", "load_demo_backbone"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "DemoTokenizer", "build_demo_clip", "demo_vocabulary",
+           "load_demo_backbone"]
 
 WEIGHTS_FILE = "demo_model.safetensors"
 CONFIG_FILE = "demo_model.json"
@@ -40,6 +43,7 @@ class DemoTokenizer:
         self.vocab_size = len(self.vocab) + 4
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without start / end of text (unknown words are 1)."""
         return [self.index.get(w, 1) for w in _WORD.findall(text.lower())]
 
     def __call__(self, texts: Sequence[str] | str, context_length: int | None = None) -> torch.Tensor:
@@ -63,22 +67,20 @@ def demo_vocabulary(classnames: Sequence[str], templates: Sequence[str]) -> list
 
 
 def build_demo_clip(config: dict[str, Any]) -> torch.nn.Module:
-    import open_clip
+    """The demo model's open_clip ``CLIP`` from ``config["model_cfg"]`` (randomly initialised)."""
+    import open_clip  # heavy optional dependency: imported on use
 
     return open_clip.CLIP(**config["model_cfg"])
 
 
 def _packaged(name: str) -> Path:
-    return Path(str(resources.files("calibprompt.demo").joinpath(name)))
+    return Path(str(resources.files(__package__).joinpath(name)))
 
 
 def load_demo_backbone(weights: str | None = None, device: str | torch.device = "cpu",
-                       precision: str = "fp32"):
+                       precision: str = "fp32") -> OpenClipBackbone:
     """The demo model from the package (or from a directory with the same two files)."""
-    from calibprompt.backbones.openclip import OpenClipBackbone
-    from calibprompt.backbones.sources import assign_state_dict, load_state_dict
-
-    directory = Path(weights) if weights else None
+    directory = Path(weights).expanduser() if weights else None
     config_path = directory / CONFIG_FILE if directory else _packaged(CONFIG_FILE)
     weights_path = directory / WEIGHTS_FILE if directory else _packaged(WEIGHTS_FILE)
     if not config_path.is_file() or not weights_path.is_file():

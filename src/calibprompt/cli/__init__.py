@@ -1,0 +1,51 @@
+"""The ``calibprompt`` command line: a thin layer over the library, one module per group of
+commands, flags of run commands generated from the run configs (:mod:`.options`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from calibprompt import __version__
+from calibprompt.cli import data, demo, measure, results, run
+from calibprompt.cli.common import CLIError
+
+__all__ = ["CLIError", "build_parser", "main"]
+
+#: Command groups, in the order ``--help`` lists them.
+MODULES = (measure, data, run, results, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command (each module registers its own)."""
+    parser = argparse.ArgumentParser(
+        prog="calibprompt", description="Calibration-aware prompt tuning and calibration metrics for medical VLMs.")
+    parser.add_argument("--version", action="version", version=f"calibprompt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=examples,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    for module in MODULES:
+        module.register(add)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; user errors print one line and exit 2, Ctrl-C exits 130."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except (CLIError, ValueError) as exc:  # validation errors of the library name the bad input
+        print(f"calibprompt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"calibprompt {args.command}: interrupted; finished runs are kept and an unfinished one "
+              "resumes when the same command is run again", file=sys.stderr)
+        return 130

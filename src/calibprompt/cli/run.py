@@ -1,0 +1,126 @@
+"""The commands that write run directories: ``train``, ``zeroshot``, ``tpt`` and ``sweep``. Their
+flags are generated from the run configs (:mod:`calibprompt.cli.options`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from rich.console import Console
+
+from calibprompt.cli.common import CLIError, add_run_output_options, out_dir, print_run
+from calibprompt.cli.options import add_config_options, config_from_args
+from calibprompt.runs import PromptRunConfig, TPTRunConfig, execute_run, run_sweep
+from calibprompt.runs.prompt import TRAINING_FIELDS
+
+EXAMPLES = {
+    "train": """examples:
+  calibprompt train --backbone quiltnet --dataset kather --root ~/data --shots 8 --seed 1 --method calibprompt
+  calibprompt train --backbone plip --weights ~/models/plip --dataset pannuke --root ~/data \\
+      --objective "ls(alpha=0.2) + smac(alpha=0.2) + 0.1*as"
+  calibprompt train --backbone demo --dataset demo --root demo_output/data --method ce --epochs 10
+
+Methods (presets): ce, ls, focal, mdca, dca, mmce, mbls, logitnorm, zsnorm, penalty, smac,
+calibprompt (paper's alpha/weight per backbone+dataset; override with --alpha/--weight).
+A finished run is skipped (--force redoes it); an interrupted one resumes.""",
+    "zeroshot": """examples:
+  calibprompt zeroshot --backbone quiltnet --dataset kather --root ~/data
+  calibprompt zeroshot --backbone demo --dataset demo --root demo_output/data --out runs""",
+    "tpt": """examples:
+  calibprompt tpt --backbone quiltnet --dataset kather --root ~/data --method tpt ctpt otpt soc
+  calibprompt tpt --backbone demo --dataset demo --root demo_output/data --method zeroshot tpt ctpt
+  calibprompt tpt --backbone plip --weights ~/models/plip --dataset covid --root ~/data \\
+      --method soc --lam 10 --delta 0.5 --seed 2
+  calibprompt tpt --backbone quiltnet --dataset kather --root ~/data --method tpt \\
+      --init-prompt runs/kather/quiltnet/ce/16shot-seed1-0123456789       # TPT + CoOp
+
+Default protocol (the published TPT protocol, --protocol published): 64 views (original + 63
+RandomResizedCrop + flip + AugMix), 4 context vectors from "a photo of a", the 10% lowest-entropy
+views, one AdamW step (lr 5e-3), fp16 autocast on CUDA, ECE with 20 bins. Regulariser weights:
+C-TPT 50, O-TPT 18, SoC see docs/tpt.md. Every method run with the same --seed sees the same cached
+views; each method writes its own run directory, a finished one is skipped (--force), an
+interrupted one resumes. --val-per-class N also adapts a validation split (for calibrate).""",
+    "sweep": """examples:
+  calibprompt sweep sweep.yaml
+  calibprompt sweep sweep.yaml --out runs/paper
+
+sweep.yaml:
+  backbones: [quiltnet, {name: plip, weights: ~/models/plip}]
+  datasets: [{name: kather, root: ~/data}]
+  methods: [ce, ls, focal, mdca, calibprompt]
+  seeds: [1, 2, 3]
+  shots: 8                       # any run field, for every run
+  grid:                          # the product over any run fields
+    n_ctx: [4, 16]
+
+`kind: tpt` sweeps test-time methods instead. The report covers the sweep's runs.""",
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out_dir(args.out, "--out")
+    config = config_from_args(PromptRunConfig, args, method=args.objective or args.method)
+    print_run(execute_run(config, args.out, force=args.force))
+    return 0
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    out_dir(args.out, "--out")
+    print_run(execute_run(config_from_args(PromptRunConfig, args, method="zeroshot"), args.out, force=args.force))
+    return 0
+
+
+def cmd_tpt(args: argparse.Namespace) -> int:
+    methods = list(dict.fromkeys(args.method))
+    if len(methods) > 1 and (args.lam is not None or args.delta is not None):
+        raise CLIError("--lam/--delta apply to one method; run the methods separately to set them")
+    configs = [config_from_args(TPTRunConfig, args, method=method) for method in methods]
+    for config in configs:  # every method's options are checked before the first one runs
+        config.resolved()
+    out_dir(args.out, "--out")
+    for config in configs:
+        print_run(execute_run(config, args.out, force=args.force), label=f"[bold]{config.method}[/]: ")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    console = Console()
+
+    def progress(i, total, config, result):
+        state = "skipped (finished)" if result.skipped else "done"
+        ece = 100 * result.metrics["uncalibrated"]["ece"]
+        console.print(f"[{i + 1}/{total}] {config.backbone} {config.dataset} {config.method} seed "
+                      f"{config.seed}: {state}, ECE {ece:.2f}%  {result.directory.name}")
+
+    out_dir(args.out, "--out")
+    results = run_sweep(args.file, out=args.out, force=args.force, on_run=progress)
+    console.print(f"{len(results)} runs; report written next to them")
+    return 0
+
+
+def register(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
+    p = add("train", "few-shot prompt tuning with a preset or any objective; writes a run directory", EXAMPLES["train"])
+    add_config_options(p, PromptRunConfig)
+    p.add_argument("--objective", help="an objective expression instead of --method")
+    add_run_output_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = add("zeroshot", "zero-shot classification with the dataset's templates; writes a run directory",
+            EXAMPLES["zeroshot"])
+    add_config_options(p, PromptRunConfig, exclude=("method", *TRAINING_FIELDS))
+    add_run_output_options(p)
+    p.set_defaults(func=cmd_zeroshot)
+
+    p = add("tpt", "test-time prompt tuning over a test set: TPT, C-TPT, O-TPT, SoC (or zero-shot)", EXAMPLES["tpt"])
+    add_config_options(p, TPTRunConfig, exclude=("method",))
+    method = TPTRunConfig.__dataclass_fields__["method"]
+    p.add_argument("--method", nargs="+", default=[method.default], choices=list(method.metadata["choices"]),
+                   help=f"one or more methods, each its own run directory (default: {method.default})")
+    add_run_output_options(p)
+    p.set_defaults(func=cmd_tpt)
+
+    p = add("sweep", "run a YAML grid of backbones x datasets x methods x seeds (resumable)", EXAMPLES["sweep"])
+    p.add_argument("file", help="sweep YAML")
+    p.add_argument("--out", help="runs directory (default: the file's 'out', else runs)")
+    p.add_argument("--force", action="store_true", help="redo finished runs")
+    p.set_defaults(func=cmd_sweep)

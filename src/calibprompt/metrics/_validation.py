@@ -1,0 +1,154 @@
+"""Input validation and the constants shared by every metric family.
+
+Converts ``probs`` (N, K) and ``labels`` (N,) from NumPy arrays, nested sequences or torch
+tensors to validated float64 / int64 arrays (a bad input raises ``ValueError`` naming what was
+wrong and what was expected), reduces them to top-label (confidence, correctness), and holds the
+constants every family shares: ``METRICS_VERSION``, ``BINNING_CONVENTION``, the row-sum
+tolerances and ``LOG_EPS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BINNING_CONVENTION",
+    "LOG_EPS",
+    "LOW_PRECISION_ROW_SUM_TOLERANCE",
+    "METRICS_VERSION",
+    "ROW_SUM_TOLERANCE",
+    "ArrayLike",
+    "check_labels",
+    "check_probs_labels",
+    "to_numpy",
+    "top_label",
+]
+
+ArrayLike = np.ndarray | Sequence | Any  # torch.Tensor accepted without importing torch
+
+#: Version of the metrics' semantics: bumped whenever a metric's definition changes, so that a
+#: stored result is never compared with one computed under another definition (part of a run's
+#: identity, see :mod:`calibprompt.runs.identity`).
+METRICS_VERSION = 1
+
+#: How equal-width bins are formed; stored beside every reported number.
+BINNING_CONVENTION = (
+    "top-label; equal-width bins on [0,1]; bin = min(floor(conf*B), B-1) "
+    "([lo,hi) bins, last bin closed: conf=1.0 in the last bin); float64; "
+    "empty bins contribute 0"
+)
+
+#: Largest allowed deviation of a row sum from 1 before the input is rejected as not a
+#: probability vector (generous enough for float16 softmax over ~1000 classes).
+ROW_SUM_TOLERANCE = 1e-3
+#: The same for float16 / bfloat16 inputs (bfloat16 keeps ~3 significant digits); such rows
+#: are renormalised in float64 after the check.
+LOW_PRECISION_ROW_SUM_TOLERANCE = 2e-2
+_LOW_PRECISION = ("torch.float16", "torch.bfloat16", "float16")
+#: Probabilities are clamped to this floor inside ``log`` (NLL) so a zero stays finite.
+LOG_EPS = 1e-12
+
+
+def to_numpy(x: ArrayLike, dtype: Any | None = None) -> np.ndarray:
+    """A NumPy array from an array, a sequence or a torch tensor (detached, on the CPU)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
+        x = x.detach().cpu()
+        if str(getattr(x, "dtype", "")) in ("torch.bfloat16", "torch.float16"):
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def check_probs_labels(
+    probs: ArrayLike, labels: ArrayLike, *, name: str = "probs"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert ``probs`` (N, K) and ``labels`` (N,) to float64 / int64 arrays.
+
+    Raises ``ValueError`` for: empty input, wrong shapes, fewer than two classes, NaN/inf,
+    values outside [0, 1] or rows that do not sum to 1 (likely logits), and labels that are not
+    integers in [0, K).
+    """
+    low_precision = str(getattr(probs, "dtype", "")) in _LOW_PRECISION
+    try:
+        p = to_numpy(probs, np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: could not convert to a float array ({exc})") from exc
+    try:
+        y_raw = to_numpy(labels)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"labels: could not convert to an array ({exc})") from exc
+
+    if p.ndim != 2:
+        hint = (
+            " For binary positive-class probabilities q of shape (N,), pass "
+            "np.stack([1 - q, q], axis=1)."
+            if p.ndim == 1
+            else ""
+        )
+        raise ValueError(f"{name}: expected shape (N, K), got {p.shape}.{hint}")
+    n, k = p.shape
+    if n == 0:
+        raise ValueError(f"{name}: empty input (N = 0); need at least one sample")
+    if k < 2:
+        raise ValueError(f"{name}: expected at least 2 classes (K >= 2), got K = {k}")
+    if y_raw.ndim != 1 or y_raw.shape[0] != n:
+        raise ValueError(f"labels: expected shape ({n},) to match {name}, got {y_raw.shape}")
+    if not np.all(np.isfinite(p)):
+        bad = int(np.size(p) - np.count_nonzero(np.isfinite(p)))
+        raise ValueError(f"{name}: contains {bad} NaN or infinite value(s)")
+    if p.min() < 0.0 or p.max() > 1.0:
+        raise ValueError(
+            f"{name}: values must lie in [0, 1], found range [{p.min():.4g}, {p.max():.4g}]; "
+            "this looks like logits — apply softmax first"
+        )
+    row_sums = p @ np.ones(k)  # BLAS: much faster than sum(axis=1) over short rows
+    row_err = np.abs(row_sums - 1.0)
+    tolerance = LOW_PRECISION_ROW_SUM_TOLERANCE if low_precision else ROW_SUM_TOLERANCE
+    if row_err.max() > tolerance:
+        i = int(row_err.argmax())
+        raise ValueError(
+            f"{name}: rows must sum to 1 (tolerance {tolerance}); row {i} sums to "
+            f"{row_sums[i]:.6g}; this looks like logits or unnormalised scores — apply softmax first"
+        )
+    if low_precision:  # float16/bfloat16 rows are off by rounding: renormalise in float64
+        p = p / row_sums[:, None]
+
+    return p, check_labels(y_raw, k)
+
+
+def check_labels(labels: ArrayLike, n_classes: int) -> np.ndarray:
+    """Validate class indices: integers (or integral floats / bools) in [0, n_classes)."""
+    y_raw = to_numpy(labels)
+    if y_raw.ndim != 1 or y_raw.shape[0] == 0:
+        raise ValueError(f"labels: expected a non-empty 1-D array, got shape {y_raw.shape}")
+    if y_raw.dtype.kind == "b":
+        y = y_raw.astype(np.int64)
+    elif y_raw.dtype.kind in "iu":
+        y = y_raw.astype(np.int64)
+    elif y_raw.dtype.kind == "f":
+        if not np.all(np.isfinite(y_raw)) or not np.all(y_raw == np.round(y_raw)):
+            raise ValueError("labels: expected integer class indices, got non-integer floats")
+        y = y_raw.astype(np.int64)
+    else:
+        raise ValueError(f"labels: expected integer class indices, got dtype {y_raw.dtype}")
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(
+            f"labels: must be class indices in [0, {n_classes - 1}] for K = {n_classes} classes, "
+            f"found range [{y.min()}, {y.max()}]"
+        )
+    return y
+
+
+def _check_n_bins(n_bins: int) -> int:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins: expected a positive integer, got {n_bins!r}")
+    return int(n_bins)
+
+
+def top_label(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-label confidence ``max_k p_ik`` and correctness ``1[argmax_k p_ik = y_i]`` (float) of
+    validated arrays (ties in argmax resolve to the lowest index)."""
+    return p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64)
