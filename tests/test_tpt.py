@@ -164,3 +164,48 @@ def test_zero_steps_is_zero_shot_with_the_initial_prompt(learner):
         expected = learner.backbone.logit_scale * feats[:, 0] @ learner().T
     assert torch.allclose(logits, expected, atol=1e-5)
     assert torch.equal(ctx[0], learner.ctx.detach())
+
+
+# -- several steps: the published code selects the confident views once -------------------------
+def _manual_tpt(learner, feats, steps, lr, reselect):
+    """Plain TPT on one image, written out: marginal entropy of the selected views, AdamW; the
+    views selected at the first step (the published ``selected_idx``) or at every step."""
+    from calibprompt import losses
+
+    scale = learner.backbone.logit_scale
+    ctx = learner.ctx.detach()[None].clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([ctx], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    chosen = None
+    for _ in range(steps):
+        text = contexts_text_features(learner, ctx)[0]
+        view_logits = scale * feats[0] @ text.T  # (V, C)
+        if chosen is None or reselect:
+            entropy = -(view_logits.softmax(-1) * view_logits.log_softmax(-1)).sum(-1)
+            chosen = entropy.detach().argsort()[: max(1, int(0.25 * feats.shape[1]))]
+        loss = losses.marginal_entropy(view_logits[chosen])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return scale * feats[0, 0] @ contexts_text_features(learner, ctx)[0].T, chosen
+
+
+def test_several_steps_select_the_confident_views_once_as_published(learner):
+    feats = views(b=1, v=16, seed=3)
+    lr = 0.5  # large steps, so that a re-selection picks other views
+    published, first = _manual_tpt(learner, feats, 4, lr, reselect=False)
+    every_step, last = _manual_tpt(learner, feats, 4, lr, reselect=True)
+    assert set(first.tolist()) != set(last.tolist())  # the two algorithms really differ here
+    config = TPTConfig(steps=4, lr=lr, selection=0.25)
+    ours, _ = tpt_adapt(learner, feats, config)
+    assert torch.allclose(ours[0], published, atol=1e-4)
+    reselected, _ = tpt_adapt(learner, feats, replace(config, reselect=True))
+    assert torch.allclose(reselected[0], every_step, atol=1e-4)
+    assert not torch.allclose(ours[0], reselected[0], atol=1e-4)
+
+
+def test_a_float64_backbone_adapts_in_float64(learner64):
+    feats = views(b=2, d=learner64.backbone.embed_dim)  # cached features are float32
+    for steps in (1, 2):
+        logits, ctx = tpt_adapt(learner64, feats, TPTConfig(steps=steps))
+        assert logits.dtype == torch.float64 and torch.isfinite(logits).all() and ctx.dtype == torch.float64

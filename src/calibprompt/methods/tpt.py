@@ -5,7 +5,10 @@ the ``ratio`` lowest-entropy of the image's V views are kept, the loss is the en
 *averaged* distribution plus the method's regulariser on the class text features (C-TPT:
 ``-lambda * ATFD``, O-TPT: ``lambda * orthogonality``, SoC: ``lambda * Huber``), one AdamW step
 (lr 5e-3, weight decay 0.01) is taken from fresh optimiser state, and the prediction comes from
-the original view (view 0) with the updated prompt.
+the original view (view 0) with the updated prompt. With several steps the confident views are
+selected once, at the first step (under the initial context), and reused at every later step, as
+the published code does (its ``selected_idx``); ``reselect=True`` re-selects them at every step,
+a different algorithm under its own name.
 
 Batching: B images are adapted at once with a context tensor of shape (B, n_ctx, W). The loss is
 the *sum* of the per-image losses, so each image's gradient is its own; AdamW is elementwise, so
@@ -55,6 +58,7 @@ class TPTConfig:
     eps: float = 1e-8
     share_initial_forward: bool = True
     autocast: bool = False  # fp16 autocast of the published code; applies on CUDA only
+    reselect: bool = False  # re-select the confident views at every step (not the published algorithm)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "betas": list(self.betas)}
@@ -93,9 +97,19 @@ def contexts_text_features(learner: PromptLearner, ctx: torch.Tensor) -> torch.T
     return learner.backbone.encode_token_embeddings(flat, batch).view(b, c, -1)
 
 
-def _image_losses(view_logits: torch.Tensor, text: torch.Tensor, config: TPTConfig) -> torch.Tensor:
-    """Per-image loss (B,): marginal entropy of the confident views + the regulariser."""
-    chosen = confident_views(view_logits.detach(), config.selection)
+def _view_logits(feats: torch.Tensor, text: torch.Tensor, scale: float, pattern: str) -> torch.Tensor:
+    """``scale * einsum(pattern, feats, text)`` in the wider of the two dtypes (a float64 backbone
+    gives float64 text features; cached image features are float32)."""
+    dtype = torch.promote_types(feats.dtype, text.dtype)
+    return scale * torch.einsum(pattern, feats.to(dtype), text.to(dtype))
+
+
+def _image_losses(view_logits: torch.Tensor, text: torch.Tensor, config: TPTConfig,
+                  chosen: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image loss (B,): marginal entropy of the confident views (``chosen``, or selected from
+    these logits) + the regulariser."""
+    if chosen is None:
+        chosen = confident_views(view_logits.detach(), config.selection)
     picked = view_logits.gather(1, chosen[:, :, None].expand(-1, -1, view_logits.shape[-1]))
     per_image = torch.stack([losses.marginal_entropy(p) for p in picked])
     name = REGULARIZERS[config.method]
@@ -115,8 +129,9 @@ def _autocast(config: TPTConfig, device: torch.device):
 
 def _shared_first_gradient(
     learner: PromptLearner, feats: torch.Tensor, config: TPTConfig,
-) -> torch.Tensor | None:
-    """Per-image gradients (B, n_ctx, W) at the common initial context, with one text forward.
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-image gradients (B, n_ctx, W) at the common initial context, with one text forward,
+    and the confident views selected there.
 
     ``d loss_b / d ctx = J^T g_b`` where J is the Jacobian of the C class features at the
     initial context (the same for every image) and ``g_b = d loss_b / d T``; the B products run
@@ -128,8 +143,9 @@ def _shared_first_gradient(
     with _autocast(config, ctx.device):
         text = contexts_text_features(learner, ctx[None])[0]  # (C, D) once per batch
     per_image = text.detach()[None].repeat(b, 1, 1).requires_grad_(True)
-    view_logits = learner.backbone.logit_scale * torch.einsum("bvd,bcd->bvc", feats, per_image)
-    (cotangents,) = torch.autograd.grad(_image_losses(view_logits, per_image, config).sum(), per_image)
+    view_logits = _view_logits(feats, per_image, learner.backbone.logit_scale, "bvd,bcd->bvc")
+    chosen = confident_views(view_logits.detach(), config.selection)
+    (cotangents,) = torch.autograd.grad(_image_losses(view_logits, per_image, config, chosen).sum(), per_image)
     try:
         (grad,) = torch.autograd.grad(text, ctx, grad_outputs=cotangents, is_grads_batched=True)
     except RuntimeError as exc:
@@ -137,7 +153,7 @@ def _shared_first_gradient(
                       f"({str(exc)[:200]}); using one forward per image (same result, slower)",
                       RuntimeWarning, stacklevel=3)
         return None
-    return grad
+    return grad, chosen
 
 
 def tpt_adapt(
@@ -157,17 +173,22 @@ def tpt_adapt(
         raise ValueError(f"view_features: expected (B, V, D), got {tuple(view_features.shape)}")
     b = view_features.shape[0]
     scale = learner.backbone.logit_scale
-    feats = view_features.to(learner.ctx.device, torch.float32)
+    feats = view_features.to(learner.ctx.device, torch.promote_types(view_features.dtype, torch.float32))
     ctx = learner.ctx.detach()[None].repeat(b, 1, 1).requires_grad_(True)  # reset per image
     optimizer = torch.optim.AdamW([ctx], lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay)
+    chosen = None  # the confident views, selected at the first step (published) or every step
     for step in range(config.steps):
-        grad = _shared_first_gradient(learner, feats, config) if step == 0 and config.share_initial_forward else None
-        if grad is None:
+        shared = _shared_first_gradient(learner, feats, config) if step == 0 and config.share_initial_forward else None
+        if shared is not None:
+            grad, chosen = shared
+        else:
             with _autocast(config, ctx.device):
                 text = contexts_text_features(learner, ctx)
-            view_logits = scale * torch.einsum("bvd,bcd->bvc", feats, text)
-            loss = _image_losses(view_logits, text, config).sum()  # sum: each image keeps its gradient
+            view_logits = _view_logits(feats, text, scale, "bvd,bcd->bvc")
+            if chosen is None or config.reselect:
+                chosen = confident_views(view_logits.detach(), config.selection)
+            loss = _image_losses(view_logits, text, config, chosen).sum()  # sum: each image keeps its gradient
             grad = torch.autograd.grad(loss, ctx)[0]
         ctx.grad = grad.to(ctx.dtype)
         optimizer.step()
@@ -177,5 +198,5 @@ def tpt_adapt(
             text = contexts_text_features(learner, ctx[:1]).expand(b, -1, -1)
         else:
             text = contexts_text_features(learner, ctx)
-        logits = scale * torch.einsum("bd,bcd->bc", feats[:, 0], text)
+        logits = _view_logits(feats[:, 0], text, scale, "bd,bcd->bc")
     return logits, ctx.detach()

@@ -52,8 +52,9 @@ from calibprompt.runs.identity import RunIdentity, run_name
 __all__ = ["METHOD_DEFAULTS", "PROTOCOLS", "PROTOCOL_VERSION", "TPTRunConfig"]
 
 #: Bumped when the test-time procedure changes its results (2: ``limit`` draws a class-stratified
-#: subset instead of the first files of the sorted listing).
-PROTOCOL_VERSION = 2
+#: subset instead of the first files of the sorted listing; 3: with several steps the confident
+#: views are selected once, at the first step, as the published code does).
+PROTOCOL_VERSION = 3
 
 #: Regulariser weights of the published methods; SoC's delta/lambda come from the sweep recorded
 #: in docs/tpt.md (its paper does not publish them).
@@ -70,7 +71,8 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
 #: ``published-noaugmix`` as they run the ImageNet variants (crop + flip only).
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "published": {"views": 64, "augmix": True, "selection": 0.1, "steps": 1, "lr": 5e-3,
-                  "weight_decay": 0.01, "ctx_init": "a photo of a", "autocast": True, "n_bins": 20},
+                  "weight_decay": 0.01, "ctx_init": "a photo of a", "autocast": True, "n_bins": 20,
+                  "reselect": False},
 }
 PROTOCOLS["published-noaugmix"] = {**PROTOCOLS["published"], "augmix": False}
 
@@ -83,7 +85,7 @@ NON_EFFECTIVE = ("root", "weights", "device", "cache", "workers", "batch_size", 
                  "precision", "init_prompt", "n_bins")
 
 #: Fields of the adaptation step, which zero-shot does not take (not part of its identity).
-ADAPTATION_FIELDS = ("lam", "delta", "selection", "steps", "lr", "weight_decay", "views", "augmix")
+ADAPTATION_FIELDS = ("lam", "delta", "selection", "steps", "lr", "weight_decay", "views", "augmix", "reselect")
 
 
 def _protocol(key: str) -> str:
@@ -113,6 +115,9 @@ class TPTRunConfig(RunConfigBase):
     ctx_init: str | None = option(None, help="initial context words", default_text=_protocol("ctx_init"))
     autocast: bool | None = option(None, help="fp16 autocast on CUDA, as the published code",
                                    default_text=_protocol("autocast"))
+    reselect: bool | None = option(None, help="re-select the confident views at every step (not the published "
+                                              "algorithm, which selects them once, at the first step)",
+                                   default_text=_protocol("reselect"))
     n_bins: int | None = option(None, help="bins of ECE/MCE/ACE in metrics.json", default_text=_protocol("n_bins"))
     init_prompt: str | None = option(None, help="start from a CoOp-tuned context: a train run directory or its "
                                                 "prompt.safetensors", metavar="RUN_OR_FILE")
@@ -160,7 +165,7 @@ class TPTRunConfig(RunConfigBase):
     def tpt_config(self) -> TPTConfig:
         return TPTConfig(method="tpt" if self.method == "zeroshot" else self.method, lam=self.lam,
                          delta=self.delta, selection=self.selection, steps=self.steps, lr=self.lr,
-                         weight_decay=self.weight_decay, autocast=self.autocast)
+                         weight_decay=self.weight_decay, autocast=self.autocast, reselect=self.reselect)
 
     def effective(self) -> dict[str, Any]:
         """The resolved fields that determine the result (call on :meth:`resolved`); ``n_bins``
