@@ -253,13 +253,15 @@ def calibrated_sample(n: int, k: int, seed: int):
 def test_kernel_estimators_small_when_calibrated_large_when_not():
     probs, labels = calibrated_sample(3000, 3, 13)
     assert M.smooth_ece(probs, labels) < 0.03
-    assert M.kde_ece(probs[:800], labels[:800]) < 0.05
+    assert M.kde_ece(probs[:800], labels[:800], bandwidth=0.05) < 0.05
     sharp = softmax(np.log(probs) * 4)  # overconfident version of the same predictor
     assert M.smooth_ece(sharp, labels) > 0.1
-    assert M.kde_ece(sharp[:800], labels[:800]) > 0.1
+    assert M.kde_ece(sharp[:800], labels[:800], bandwidth=0.05) > 0.1
 
 
-def test_kde_ece_matches_loop_reference_for_fixed_bandwidth():
+def test_kde_ece_matches_scipy_beta_reference_for_fixed_bandwidth():
+    # Popordanoska et al.'s orientation: the Beta kernel of the data point conf_j, evaluated at
+    # conf_i (tests/test_kde_ece.py has the loop re-derivation and the bandwidth rule)
     from scipy.stats import beta
 
     probs, labels = random_predictions(60, 3, 14)
@@ -267,7 +269,7 @@ def test_kde_ece_matches_loop_reference_for_fixed_bandwidth():
     h = 0.05
     terms = []
     for i in range(60):
-        w = np.array([beta.pdf(conf[j], conf[i] / h + 1, (1 - conf[i]) / h + 1) if j != i else 0.0
+        w = np.array([beta.pdf(conf[i], conf[j] / h + 1, (1 - conf[j]) / h + 1) if j != i else 0.0
                       for j in range(60)])
         terms.append(abs((w * correct).sum() / w.sum() - conf[i]))
     assert M.kde_ece(probs, labels, bandwidth=h) == pytest.approx(np.mean(terms), rel=1e-9)

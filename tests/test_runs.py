@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from calibprompt.cli import main
 from calibprompt.demo.tissue import write_demo_dataset
+from calibprompt.metrics import METRICS_VERSION
 from calibprompt.runs import RunConfig, execute_run
 
 
@@ -41,7 +42,7 @@ def test_run_directory_contents_and_skip(demo_root, tmp_path):
     identity = record["identity"]
     assert record["schema_version"] == 2 and record["run_id"].startswith(d.name[-10:])
     assert identity["config"]["epochs"] == 3 and identity["config"]["warmup_lr"] == 1e-5  # defaults resolved
-    assert set(identity["data"]) == {"train", "test"} and identity["backbone"] and identity["metrics_version"] == 1
+    assert set(identity["data"]) == {"train", "test"} and identity["backbone"] and identity["metrics_version"] == METRICS_VERSION
     assert (identity["precision"], identity["device_kind"]) == ("fp32", "cpu") and "torch" in record["versions"]
     assert "root" not in identity["config"] and "cache" not in identity["config"]  # where files live: not identity
     assert record["objective"]["expression"] == "ce" and json.loads((d / "cache_tables.json").read_text())

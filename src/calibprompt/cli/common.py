@@ -11,7 +11,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from calibprompt.metrics import bootstrap
+from calibprompt.metrics import bootstrap_many
 from calibprompt.runs import Run, load_run
 
 __all__ = ["CLIError", "add_intervals", "add_run_output_options", "is_run_predictions", "load_predictions",
@@ -91,9 +91,10 @@ def load_predictions(path: str, what: str, prefix: str = "") -> tuple[np.ndarray
 
 
 def add_intervals(result: dict, probs: Any, labels: Any, n_resamples: int, n_bins: int, seed: int = 0) -> None:
-    """95% stratified-bootstrap intervals of the headline metrics, as ``<name>_ci``."""
-    for name in ("ece", "accuracy", "nll", "brier"):
-        ci = bootstrap(name, probs, labels, n_resamples=n_resamples, seed=seed, n_bins=n_bins)
+    """95% stratified-bootstrap intervals of the headline metrics, as ``<name>_ci``, from one shared draw."""
+    intervals = bootstrap_many(("ece", "accuracy", "nll", "brier"), probs, labels,
+                               n_resamples=n_resamples, seed=seed, n_bins=n_bins)
+    for name, ci in intervals.items():
         result[f"{name}_ci"] = [ci.low, ci.high]
 
 

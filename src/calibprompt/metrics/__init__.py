@@ -28,7 +28,8 @@ re-exports every public name:
 - ``scores``: :func:`brier`, :func:`nll`, :func:`accuracy`, :func:`macro_f1`, :func:`auroc`;
 - ``selective``: :func:`risk_coverage`, :func:`aurc`;
 - ``registry``: :data:`METRICS` (name -> function) and the kernels on validated arrays behind it;
-- ``resampling``: :func:`bootstrap`, :class:`BootstrapResult`, :func:`stratified_bootstrap_indices`;
+- ``resampling``: :func:`bootstrap`, :func:`bootstrap_many` (several metrics from one shared draw),
+  :class:`BootstrapResult`, :func:`stratified_bootstrap_indices`;
 - this module: :func:`evaluate`, every metric of :data:`METRICS` in one pass.
 """
 
@@ -70,6 +71,7 @@ from calibprompt.metrics.registry import _KERNELS, METRICS, _run_kernel
 from calibprompt.metrics.resampling import (
     BootstrapResult,
     bootstrap,
+    bootstrap_many,
     stratified_bootstrap_indices,
 )
 from calibprompt.metrics.scores import accuracy, auroc, brier, macro_f1, nll
@@ -89,6 +91,7 @@ __all__ = [
     "auroc",
     "bin_index",
     "bootstrap",
+    "bootstrap_many",
     "brier",
     "check_labels",
     "check_probs_labels",
@@ -117,24 +120,25 @@ def evaluate(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str,
     ``n_samples``, ``n_classes``, ``n_nonempty_bins`` (of the top-label equal-width
     histogram), ``binning`` (the convention string) and the smooth-ECE bandwidth.
     """
-    p, y = check_probs_labels(probs, labels)
+    p, y = check_probs_labels(probs, labels)  # validated and converted once
     n_bins = _check_n_bins(n_bins)
-    conf, correct = top_label(p, y)
+    conf, correct = top_label(p, y)  # shared by every top-label kernel
     out: dict[str, Any] = {}
     for name, kernel in _KERNELS.items():
         if name == "smooth_ece":
             value, sigma = _smooth_ece(conf, correct, 2000)
             out[name] = value
             out["smooth_ece_bandwidth"] = sigma
-            continue
-        out[name] = _run_kernel(kernel, p, y, conf, correct, n_bins)
-    idx = bin_index(conf, n_bins)
+        elif name == "accuracy":  # the mean of the correctness already at hand (the same float)
+            out[name] = float(np.mean(correct))
+        else:
+            out[name] = _run_kernel(kernel, p, y, conf, correct, n_bins)
     out.update(
         mean_confidence=float(conf.mean()),
         n_bins=n_bins,
         n_samples=int(p.shape[0]),
         n_classes=int(p.shape[1]),
-        n_nonempty_bins=int(np.unique(idx).size),
+        n_nonempty_bins=int(np.count_nonzero(np.bincount(bin_index(conf, n_bins), minlength=n_bins))),
         binning=BINNING_CONVENTION,
     )
     return out
