@@ -13,6 +13,7 @@ import pytest
 
 from calibprompt import metrics as M
 from calibprompt.metrics.smooth import _kde_bandwidth
+from tests.test_metrics import calibrated_sample
 
 GRID = [10.0 ** (-5.0 + 4.0 * t / 14.0) for t in range(15)] + [0.2, 0.4, 0.6, 0.8, 1.0]
 
@@ -134,14 +135,6 @@ def test_kde_ece_invariant_to_row_permutation(bandwidth):
     assert M.kde_ece(probs[perm], labels[perm], bandwidth=bandwidth) == pytest.approx(
         M.kde_ece(probs, labels, bandwidth=bandwidth), abs=1e-12
     )
-
-
-def calibrated_sample(n: int, k: int, seed: int):
-    """Labels drawn from the predicted distribution: perfectly calibrated in expectation."""
-    rng = np.random.default_rng(seed)
-    probs = softmax(rng.normal(size=(n, k)) * 2)
-    labels = (rng.random(n)[:, None] > probs.cumsum(1)).sum(1).clip(max=k - 1)
-    return probs, labels
 
 
 def test_kde_ece_small_when_calibrated_larger_when_not():
