@@ -111,7 +111,12 @@ def test_train_and_zeroshot_commands(demo_root, tmp_path, capsys):
 @pytest.mark.parametrize(("args", "message"), [
     (["--backbone", "nope"], "backbone 'nope' is unknown"),
     (["--dataset", "mnist"], "dataset 'mnist' is unknown"),
-    (["--method", "fancy"], "unknown loss 'fancy'"),
+    (["--method", "fancy"], "unknown method; presets: ce, ls"),
+    (["--method", "calibprmpt"], "did you mean 'calibprompt'?"),
+    (["--n-bins", "100000000"], "n_bins: expected an integer from 1 to 100,000"),
+    (["--n-ctx", "0"], "n_ctx: expected a positive integer"),
+    (["--lr", "-1"], "lr: expected a non-negative learning rate"),
+    (["--seed", "-1"], "seed: expected a non-negative integer"),
     (["--shots", "50"], "--shots 50"),
     (["--root", "/nonexistent/place"], "expected the layout"),
 ])

@@ -251,6 +251,9 @@ def test_bad_input_fails_before_any_work_with_one_clear_line(finished, roots, tm
     common = ["--backbone", "demo", "--dataset", "imagefolder", "--root", str(roots[0]), "--cache", str(tmp / "cache"),
               "--workers", "0", "--quiet"]
     (tmp_path / "file").write_text("x")
+    nameless = tmp_path / "nameless"
+    shutil.copytree(roots[0], nameless)
+    (nameless / "classnames.txt").unlink()
     cases = [
         (["tpt", *common, "--out", str(tmp_path / "o"), "--lr", "-1"], "lr"),
         (["train", *common, "--out", str(tmp_path / "o"), "--val-per-class", "99", "--shots", "2"], "--val-per-class 99"),
@@ -263,6 +266,12 @@ def test_bad_input_fails_before_any_work_with_one_clear_line(finished, roots, tm
         (["predict", str(next((runs["ce"] / "external").iterdir())) if (runs["ce"] / "external").is_dir()
           else str(tmp_path), str(roots[0] / "test"), "--out", str(tmp_path / "o")], "run"),
         (["evaluate", str(runs["ce"]), "--n-bins", "0"], "--n-bins 0"),
+        # a flat folder of classes has no train/test split: training on it is refused
+        (["train", *common[:4], "--root", str(roots[0] / "test"), *common[6:], "--out", str(tmp_path / "o")],
+         "no 'train' folder"),
+        # class names the model cannot tell apart (the demo tokenizer does not know 'ADI', 'LYM', ...)
+        (["zeroshot", *common[:4], "--root", str(nameless), *common[6:], "--out", str(tmp_path / "o")],
+         "give identical prompts"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -22,13 +22,27 @@ from torch import nn
 
 from calibprompt.backbones.base import Backbone, TokenBatch
 
-__all__ = ["POSITIONS", "PromptLearner"]
+__all__ = ["POSITIONS", "PromptLearner", "check_distinct_prompts"]
 
 POSITIONS = ("end", "middle", "front")
 PLACEHOLDER = "X"
 #: Below this many classes the shared-prefix path is slower than plain truncation on a CPU
 #: (ViT-B/32 text tower: 0.79x at C = 2, 1.34x at C = 9, 1.92x at C = 100).
 SHARED_PREFIX_MIN_CLASSES = 4
+
+
+def check_distinct_prompts(batch: TokenBatch, classnames: Sequence[str], backbone_name: str) -> None:
+    """Refuse prompts that tokenise identically for two classes: the model cannot tell those classes
+    apart (e.g. class names outside a small model's vocabulary all become the unknown token)."""
+    seen: dict[tuple[int, ...], int] = {}
+    for c, ids in enumerate(batch.ids.tolist()):
+        key = tuple(ids[: int(batch.lengths[c])])
+        if key in seen:
+            first = classnames[seen[key]]
+            raise ValueError(f"classes {first!r} and {classnames[c]!r} give identical prompts for {backbone_name} "
+                             "(their names tokenise the same, e.g. words outside its vocabulary); give the classes "
+                             "names the model knows, e.g. in a classnames.txt ('<folder> <class name>' per line)")
+        seen[key] = c
 
 
 class PromptLearner(nn.Module):
@@ -79,6 +93,7 @@ class PromptLearner(nn.Module):
 
         texts = [self._template(name) for name in self.classnames]
         batch = backbone.tokenize(texts)
+        check_distinct_prompts(batch, self.classnames, backbone.name)
         self.ctx_positions = self._locate(batch, placeholder_id)
         expected = torch.arange(1, self.n_ctx + 1, device=self.ctx_positions.device)
         self._shares_prefix = (position == "end" and not self.class_specific

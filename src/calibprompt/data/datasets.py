@@ -247,9 +247,19 @@ def _load_registered(spec: DatasetSpec, root: Path, split: str) -> Dataset:
 
 def _load_imagefolder(root: Path, split: str, templates: Sequence[str] | None) -> Dataset:
     root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory; expected ROOT/{{train,test}}/<class>/* (a flat ROOT/<class>/* "
+                        "serves as a test set only)")
+    has_splits = any((root / s).is_dir() for s in ("train", "test"))
+    if split and not (root / split).is_dir() and (has_splits or split == "train"):
+        if split == "train":
+            raise DataError(f"{root}: no 'train' folder. Training needs ROOT/train/<class>/* and ROOT/test/<class>/*; "
+                            "a flat folder of classes has no train/test split (using it for both would test on the "
+                            "training images). Commands that only read a test set (tpt, evaluate --dataset) take a "
+                            "flat folder as the test set.")
+        raise DataError(f"{root}: split '{split}' not found (found: "
+                        f"{', '.join(s for s in ('train', 'test') if (root / s).is_dir())})")
     split_dir = root / split if split and (root / split).is_dir() else root
-    if not split_dir.is_dir():
-        raise DataError(f"{root}: not a directory; expected ROOT/<class>/* (or ROOT/{split}/<class>/*)")
     folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not _is_hidden(p))
     if not folders:
         raise DataError(f"{split_dir}: no class folders; expected {split_dir}/<class>/<images>")

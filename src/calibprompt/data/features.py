@@ -10,8 +10,12 @@ seed); a table maps image hashes to feature rows, stored in shards::
 
 A shard counts only once its sidecar exists; both files are written atomically (temporary file +
 rename), the tensors first, so a killed extraction leaves complete shards and nothing else, and
-the next call encodes only what is missing. Shards are verified on read (key, shape, dtype); a
-shard that fails is reported, removed and re-encoded.
+the next call encodes only what is missing. Shards are written incrementally: after every encoded
+batch of at least ``FeatureStore.min_shard_rows`` images (smaller batches are gathered until they
+reach that many images or ``FeatureStore.flush_seconds`` have passed), and on any exception
+(Ctrl-C) whatever is complete; so an interruption loses at most the batch in flight. Shards are
+verified on scan (key, tensor file present with the recorded size) and on read (shape, dtype);
+a shard that fails is reported, removed and re-encoded, never read.
 
 Augmented views have one entry point, :meth:`FeatureStore.views`, which returns (N, V, D) for
 both kinds of :mod:`calibprompt.data.views`: ``kind="train"`` (the prompt-tuning crops, views
@@ -31,6 +35,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +128,7 @@ class _Table:
             write_json(meta, {"key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         self.rows: dict[str, tuple[str, int]] = {}
         self._cache: dict[str, torch.Tensor] = {}
+        self._info: dict[str, dict[str, Any]] = {}  # sidecar contents of each valid shard
         self._scan()
 
     def _scan(self) -> None:
@@ -136,7 +142,11 @@ class _Table:
                 tensor_file = sidecar.with_suffix(".safetensors")
                 if not tensor_file.is_file():
                     raise ValueError("tensor file missing")
-            except (OSError, ValueError) as exc:
+                if "bytes" in info and tensor_file.stat().st_size != info["bytes"]:
+                    raise ValueError(f"tensor file has {tensor_file.stat().st_size} bytes, "
+                                     f"expected {info['bytes']} (torn write)")
+                self._info[sidecar.stem] = info
+            except (OSError, ValueError, TypeError, KeyError) as exc:
                 self._discard(sidecar, str(exc))
                 continue
             for row, h in enumerate(info["hashes"]):
@@ -151,12 +161,14 @@ class _Table:
                       "its images will be encoded again", RuntimeWarning, stacklevel=4)
         sidecar.unlink(missing_ok=True)
         sidecar.with_suffix(".safetensors").unlink(missing_ok=True)
+        self._info.pop(sidecar.stem, None)
+        self._cache.pop(sidecar.stem, None)
         self.rows = {h: loc for h, loc in self.rows.items() if loc[0] != sidecar.stem}
 
     def _load(self, shard: str) -> torch.Tensor:
         if shard not in self._cache:
             sidecar = self.dir / f"{shard}.json"
-            info = json.loads(sidecar.read_text())
+            info = self._info.get(shard) or json.loads(sidecar.read_text())
             try:
                 tensor = load_file(str(self.dir / f"{shard}.safetensors"))["features"]
             except Exception as exc:
@@ -176,9 +188,10 @@ class _Table:
             by_shard.setdefault(shard, []).append(pos)
         first = self._load(rows[0][0])
         out = torch.empty(len(rows), first.shape[1], dtype=first.dtype)
-        for shard, positions in by_shard.items():
-            tensor = self._load(shard)
-            out[positions] = tensor[[rows[p][1] for p in positions]]
+        for shard, positions in by_shard.items():  # index tensors: cheap with many small shards
+            source = torch.tensor([rows[p][1] for p in positions], dtype=torch.long)
+            out.index_copy_(0, torch.tensor(positions, dtype=torch.long),
+                            self._load(shard).index_select(0, source))
         return out
 
     def write(self, hashes: list[str], features: torch.Tensor) -> None:
@@ -186,10 +199,11 @@ class _Table:
         features = features.detach().to("cpu", torch.float32).contiguous()
         with atomic_path(self.dir / f"{shard}.safetensors") as tmp:
             save_file({"features": features}, str(tmp))
-        write_json(self.dir / f"{shard}.json", {
-            "key_id": self.key_id, "hashes": hashes, "shape": list(features.shape),
-            "dtype": str(features.dtype),
-        })
+            size = tmp.stat().st_size
+        info = {"key_id": self.key_id, "hashes": hashes, "shape": list(features.shape),
+                "dtype": str(features.dtype), "bytes": size}
+        write_json(self.dir / f"{shard}.json", info)  # the commit point
+        self._info[shard] = info
         for row, h in enumerate(hashes):
             self.rows.setdefault(h, (shard, row))
         self._cache[shard] = features
@@ -203,8 +217,26 @@ def _key_id(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class _Phase:
+    """One progress bar shared by several extractions (e.g. every view of a training bank)."""
+
+    def __init__(self, bar: Any, description: str, total: int) -> None:
+        self.bar, self.encoded, self.start = bar, 0, time.perf_counter()
+        self.task = bar.add_task(description, total=total, rate="-")
+
+    def advance(self, done: int, encoded: int = 0) -> None:
+        self.encoded += encoded
+        rate = self.encoded / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(self.task, advance=done, rate=f"{rate:.1f}")
+
+
 class FeatureStore:
     """Image features computed once per (backbone, transform, view) and reused by every run."""
+
+    #: a shard is written after every encoded batch that brings at least this many images ...
+    min_shard_rows = 16
+    #: ... or once this many seconds have passed since the last write (and at ``shard_size``)
+    flush_seconds = 10.0
 
     def __init__(self, cache_dir: str | os.PathLike[str] | None = None, shard_size: int = 1024) -> None:
         self.root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -291,6 +323,7 @@ class FeatureStore:
     def _one_table(
         self, backbone: Any, paths: Sequence[str | os.PathLike[str]], transform: Any, view: int | None,
         aug_seed: int, *, batch_size: int, num_workers: int | None, strict: bool, progress: bool,
+        phase: _Phase | None = None,
     ) -> FeatureResult:
         """Features (N_ok, D) of one table: the evaluation transform (``view=None``) or training
         view ``view`` of ``transform`` under its per-image seeds."""
@@ -303,13 +336,16 @@ class FeatureStore:
         first = {h: i for i, h in reversed(list(enumerate(hashes)))}
         bad: dict[str, str] = {}
         encoded = 0
+        if phase is not None:
+            phase.advance(len(paths) - len(missing))
         if missing:
             todo = [first[h] for h in missing]
             seeds = None if view is None else [view_seed(hashes[i], view, aug_seed) for i in todo]
             encoded, bad = self._extract(backbone, [table], [paths[i] for i in todo],
                                          [hashes[i] for i in todo], transform, seeds, batch_size,
                                          num_workers, strict, progress,
-                                         label=f"{backbone.name} {'eval' if view is None else f'view {view}'}")
+                                         label=f"{backbone.name} {'eval' if view is None else f'view {view}'}",
+                                         phase=phase)
         index = [i for i, h in enumerate(hashes) if h in table.rows]
         excluded = [(str(paths[i]), bad.get(hashes[i], "no features")) for i, h in enumerate(hashes)
                     if h not in table.rows]
@@ -317,7 +353,7 @@ class FeatureStore:
             feats = table.gather([hashes[i] for i in index]) if index else torch.empty(0, backbone.embed_dim)
         except _StaleShard:
             return self._one_table(backbone, paths, transform, view, aug_seed, batch_size=batch_size,
-                                   num_workers=num_workers, strict=strict, progress=progress)
+                                   num_workers=num_workers, strict=strict, progress=progress, phase=phase)
         return FeatureResult(feats, index, [hashes[i] for i in index], excluded,
                              encoded=encoded, reused=len(set(hashes)) - len(missing),
                              tables=[str(table.dir)])
@@ -326,8 +362,12 @@ class FeatureStore:
         self, backbone: Any, paths: Sequence[str | os.PathLike[str]], views: int, transform: Any,
         aug_seed: int, **kw: Any,
     ) -> FeatureResult:
-        """The ``kind="train"`` views: one table (and one encoding pass) per view."""
-        results = [self._one_table(backbone, paths, transform, v, aug_seed, **kw) for v in range(views)]
+        """The ``kind="train"`` views: one table (and one encoding pass) per view, under one
+        progress bar for the phase (views x images)."""
+        with rate_progress(kw["progress"]) as bar:
+            phase = _Phase(bar, f"encoding {backbone.name} {views} training views", views * len(paths))
+            results = [self._one_table(backbone, paths, transform, v, aug_seed, **kw, phase=phase)
+                       for v in range(views)]
         index = sorted(set.intersection(*(set(r.index) for r in results)))
         rows = [{i: row for row, i in enumerate(r.index)} for r in results]
         stacked = torch.stack([r.features[[m[i] for i in index]] for r, m in zip(results, rows, strict=True)],
@@ -377,10 +417,13 @@ class FeatureStore:
     def _extract(
         self, backbone: Any, tables: list[_Table], paths: list[Path], hashes: list[str],
         transform: Callable, seeds: list | None, batch_size: int, num_workers: int | None,
-        strict: bool, progress: bool, label: str,
+        strict: bool, progress: bool, label: str, phase: _Phase | None = None,
     ) -> tuple[int, dict[str, str]]:
         """Encode ``paths`` into ``tables``: one table, or one per view when each image has a
-        list of view seeds (items are then (V, 3, H, W) and view v goes to ``tables[v]``)."""
+        list of view seeds (items are then (V, 3, H, W) and view v goes to ``tables[v]``).
+
+        Shards are written as batches complete (see the module docstring); on an exception the
+        completed, not yet written batches are written before it propagates."""
         if num_workers is None:
             num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
         multi = seeds is not None and isinstance(seeds[0], list)
@@ -394,29 +437,40 @@ class FeatureStore:
         pending_hashes: list[str] = []
         pending: list[torch.Tensor] = []  # (n, D), or (n, V, D) with several views
         encoded = 0
-        start = time.perf_counter()
-        with rate_progress(progress) as bar:
-            task = bar.add_task(f"encoding {label}", total=len(paths), rate="-")
-            for idx, pixels, errors in loader:
-                for i, reason in errors:
-                    if strict:
-                        raise DataError(f"{paths[i]}: {reason} (strict=True)")
-                    bad[hashes[i]] = reason
-                if pixels is not None:
-                    flat = pixels.flatten(0, 1) if multi else pixels
-                    feats = torch.cat([backbone.encode_images(chunk).cpu()
-                                       for chunk in flat.split(batch_size)])
-                    pending.append(feats.view(len(idx), -1, feats.shape[-1]) if multi else feats)
-                    pending_hashes.extend(hashes[i] for i in idx)
-                    encoded += len(idx)
-                    if len(pending_hashes) >= self.shard_size:
-                        self._flush(tables, pending_hashes, pending, multi)
-                        pending, pending_hashes = [], []
-                done = len(idx) + len(errors)
-                rate = encoded / max(time.perf_counter() - start, 1e-9)
-                bar.update(task, advance=done, rate=f"{rate:.1f}")
-        if pending_hashes:
-            self._flush(tables, pending_hashes, pending, multi)
+        last_write = time.monotonic()
+
+        def flush() -> None:
+            nonlocal pending, pending_hashes, last_write
+            if pending_hashes:
+                batch_hashes, batch = pending_hashes, pending
+                pending, pending_hashes = [], []  # never written twice, even if writing fails
+                self._flush(tables, batch_hashes, batch, multi)
+            last_write = time.monotonic()
+
+        with nullcontext(None) if phase is not None else rate_progress(progress) as bar:
+            if phase is None:
+                phase = _Phase(bar, f"encoding {label}", len(paths))
+            try:
+                for idx, pixels, errors in loader:
+                    for i, reason in errors:
+                        if strict:
+                            raise DataError(f"{paths[i]}: {reason} (strict=True)")
+                        bad[hashes[i]] = reason
+                    if pixels is not None:
+                        flat = pixels.flatten(0, 1) if multi else pixels
+                        feats = torch.cat([backbone.encode_images(chunk).cpu()
+                                           for chunk in flat.split(batch_size)])
+                        pending.append(feats.view(len(idx), -1, feats.shape[-1]) if multi else feats)
+                        pending_hashes.extend(hashes[i] for i in idx)
+                        encoded += len(idx)
+                        if (len(pending_hashes) >= min(self.min_shard_rows, self.shard_size)
+                                or time.monotonic() - last_write >= self.flush_seconds):
+                            flush()
+                    phase.advance(len(idx) + len(errors), len(idx))
+            except BaseException:
+                flush()  # keep what is complete (Ctrl-C, a strict error); then propagate
+                raise
+            flush()
         return encoded, bad
 
     @staticmethod

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from calibprompt.backbones.base import Backbone
+from calibprompt.prompts import check_distinct_prompts
 
 __all__ = ["zeroshot_logits", "zeroshot_text_features"]
 
@@ -25,6 +26,8 @@ def zeroshot_text_features(backbone: Backbone, classnames: Sequence[str],
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
         raise ValueError(f"templates: each needs exactly one '{{}}', got {bad}")
+    for t in templates:
+        check_distinct_prompts(backbone.tokenize([t.format(name) for name in classnames]), classnames, backbone.name)
     prompts = [t.format(name) for name in classnames for t in templates]
     feats = backbone.encode_texts(prompts).view(len(classnames), len(templates), -1)
     return F.normalize(feats.mean(dim=1), dim=-1)

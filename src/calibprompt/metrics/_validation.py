@@ -158,9 +158,13 @@ def check_labels(labels: ArrayLike, n_classes: int) -> np.ndarray:
     return y
 
 
+#: The largest bin count accepted (beyond it a histogram only costs memory: 1e8 bins took ~10 GB).
+MAX_BINS = 100_000
+
+
 def _check_n_bins(n_bins: int) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins: expected a positive integer, got {n_bins!r}")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or not 1 <= n_bins <= MAX_BINS:
+        raise ValueError(f"n_bins: expected an integer from 1 to {MAX_BINS:,}, got {n_bins!r}")
     return int(n_bins)
 
 

@@ -13,6 +13,7 @@ Files of a prompt run besides the common ones (:mod:`calibprompt.runs.directory`
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,12 +24,14 @@ from safetensors.torch import load_file, save_file
 
 from calibprompt.data import DataError, FeatureStore, few_shot, load_dataset, validation_split
 from calibprompt.files import atomic_path, slug, write_json
+from calibprompt.losses import LOSSES
 from calibprompt.methods import coop  # coop.train_prompt: one name for tests to patch
 from calibprompt.methods.coop import TrainConfig
 from calibprompt.methods.zeroshot import zeroshot_logits, zeroshot_text_features
 from calibprompt.metrics import METRICS_VERSION
+from calibprompt.metrics._validation import MAX_BINS
 from calibprompt.objective import PRESETS, Objective
-from calibprompt.prompts import POSITIONS, PromptLearner
+from calibprompt.prompts import POSITIONS, PromptLearner, check_distinct_prompts
 from calibprompt.runs.common import (
     Outputs,
     Plan,
@@ -110,6 +113,11 @@ class PromptRunConfig(RunConfigBase):
             return None
         if self.method in PRESETS:
             return Objective.preset(self.method, backbone=self.backbone, dataset=self.dataset, **overrides)
+        if self.method.isidentifier() and self.method not in LOSSES:  # a misspelt preset, not an expression
+            close = difflib.get_close_matches(self.method, [*PRESETS, "zeroshot"], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"method {self.method!r}: unknown method; presets: {', '.join(PRESETS)}, zeroshot, or "
+                             f"an objective expression such as 'ls(alpha=0.1) + smac(alpha=0.1) + 3*as'{hint}")
         if overrides:
             raise ValueError("--alpha/--weight apply to presets only; write them into the objective")
         return Objective.parse(self.method)
@@ -122,14 +130,16 @@ class PromptRunConfig(RunConfigBase):
         if self.position not in POSITIONS:
             raise ValueError(f"position: expected one of {', '.join(POSITIONS)}, got {self.position!r}")
         positive = ("shots", "n_ctx", "views", "epochs", "batch_size", "n_bins")
+        if self.n_bins > MAX_BINS:
+            raise ValueError(f"n_bins: expected an integer from 1 to {MAX_BINS:,}, got {self.n_bins!r}")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
-        if self.warmup_lr is not None and not self.warmup_lr > 0:
-            raise ValueError(f"warmup_lr: expected a positive learning rate, got {self.warmup_lr!r}")
+        if not self.lr >= 0:  # 0 is a valid (frozen) control
+            raise ValueError(f"lr: expected a non-negative learning rate, got {self.lr!r}")
+        if self.warmup_lr is not None and not self.warmup_lr >= 0:
+            raise ValueError(f"warmup_lr: expected a non-negative learning rate, got {self.warmup_lr!r}")
         if self.val_per_class is not None and self.val_per_class < 1:
             raise ValueError(f"val_per_class: expected a positive integer, got {self.val_per_class!r}")
         if self.seed < 0:
@@ -177,6 +187,8 @@ class PromptRunConfig(RunConfigBase):
         val_per_class = self.val_per_class or default_val
         kind = device_kind(self.device)
         backbone = cached_backbone(self.backbone, self.weights, self.device, self.precision)
+        for template in train.templates:  # classes the model cannot tell apart: refused before any work
+            check_distinct_prompts(backbone.tokenize(train.prompts(template)), train.classnames, backbone.name)
         store = FeatureStore(self.cache)
         effective = self.effective(objective, val_per_class)
         identity = RunIdentity(

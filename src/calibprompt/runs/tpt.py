@@ -35,6 +35,7 @@ from calibprompt.methods import (
 )
 from calibprompt.methods.tpt import TPTConfig
 from calibprompt.metrics import METRICS_VERSION
+from calibprompt.metrics._validation import MAX_BINS
 from calibprompt.progress import rate_progress
 from calibprompt.prompts import PromptLearner
 from calibprompt.runs.common import (
@@ -148,11 +149,13 @@ class TPTRunConfig(RunConfigBase):
         for name in ("views", "batch_size", "n_bins"):
             if getattr(out, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(out, name)}")
+        if out.n_bins > MAX_BINS:
+            raise ValueError(f"n_bins: expected an integer from 1 to {MAX_BINS:,}, got {out.n_bins}")
         for name in ("limit", "val_per_class"):
             if getattr(out, name) is not None and getattr(out, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(out, name)}")
-        if not out.lr > 0:
-            raise ValueError(f"lr: expected a positive learning rate, got {out.lr}")
+        if not out.lr >= 0:
+            raise ValueError(f"lr: expected a non-negative learning rate, got {out.lr}")
         if out.weight_decay < 0:
             raise ValueError(f"weight_decay: expected a non-negative value, got {out.weight_decay}")
         if out.seed < 0:
