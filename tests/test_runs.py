@@ -144,3 +144,38 @@ def test_every_preset_runs_end_to_end(demo_root, tmp_path_factory, preset):
     assert record["objective"]["terms"]  # the resolved objective is recorded
     log = json.loads((result.directory / "log.json").read_text())
     assert len(log) == 2 and all(np.isfinite(e["loss"]) for e in log)
+
+
+def test_a_full_or_read_only_disk_is_one_line_and_exit_2(demo_root, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from calibprompt.runs.directory import RunDirectory
+
+    def full(self, record, force=False):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.work))
+
+    monkeypatch.setattr(RunDirectory, "begin", full)
+    argv = ["zeroshot", "--backbone", "demo", "--dataset", "demo", "--root", str(demo_root), "--out",
+            str(tmp_path / "runs"), "--cache", str(tmp_path / "cache"), "--workers", "0", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and ".partial" in err and len(err.strip().splitlines()) == 1
+    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file()] if (tmp_path / "runs").exists() else True
+
+
+def test_training_shows_one_progress_bar_for_the_epochs(demo_root, tmp_path, monkeypatch):
+    import calibprompt.runs.prompt as prompt_module
+
+    bars = []
+    original = prompt_module.rate_progress
+
+    def recording(*args, **kwargs):
+        progress = original(*args, **kwargs)
+        bars.append(progress)
+        return progress
+
+    monkeypatch.setattr(prompt_module, "rate_progress", recording)
+    execute_run(config(demo_root, tmp_path / "cache", epochs=3, progress=True), tmp_path / "runs")
+    assert len(bars) == 1
+    (task,) = bars[0].tasks
+    assert task.total == 3 and task.completed == 3 and task.description == "training ce"

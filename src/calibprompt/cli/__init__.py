@@ -45,6 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, ValueError) as exc:  # validation errors of the library name the bad input
         print(f"calibprompt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a read-only or full disk, a path that is not writable: outputs are atomic
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"calibprompt {args.command}: error: {where}{exc.strerror or exc} (nothing was left "
+              "half-written; free space or choose another --out, then run the same command again)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"calibprompt {args.command}: interrupted; finished runs are kept and an unfinished one "
               "resumes when the same command is run again", file=sys.stderr)

@@ -31,6 +31,7 @@ from calibprompt.methods.zeroshot import zeroshot_logits, zeroshot_text_features
 from calibprompt.metrics import METRICS_VERSION
 from calibprompt.metrics._validation import MAX_BINS
 from calibprompt.objective import PRESETS, Objective
+from calibprompt.progress import rate_progress
 from calibprompt.prompts import POSITIONS, PromptLearner, check_distinct_prompts
 from calibprompt.runs.common import (
     Outputs,
@@ -270,10 +271,13 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
                 tensors["momentum"] = momentum
             directory.save_checkpoint(tensors, {"epoch": log.epoch, "logs": logs,
                                                 "param_groups": state["param_groups"]})
+            bar.update(task, advance=1, rate=f"{log.loss:.4f}")
 
-        coop.train_prompt(learner, bank.features, torch.as_tensor(shot_set.labels[bank.index]), objective,
-                     config.train_config(), zs_text, on_epoch=on_epoch, start_epoch=start_epoch,
-                     optimizer_state=optimizer_state)
+        with rate_progress(config.progress, rate_label="loss") as bar:  # one bar for the epochs
+            task = bar.add_task(f"training {config.method}", total=config.epochs, completed=start_epoch, rate="-")
+            coop.train_prompt(learner, bank.features, torch.as_tensor(shot_set.labels[bank.index]), objective,
+                              config.train_config(), zs_text, on_epoch=on_epoch, start_epoch=start_epoch,
+                              optimizer_state=optimizer_state)
         with torch.no_grad():
             text = learner()
         with atomic_path(directory.path("prompt.safetensors")) as tmp:
