@@ -88,3 +88,19 @@ def checkpoints(tmp_path_factory):
 def backbones(checkpoints):
     """case -> its tiny backbone (loaded on first use)."""
     return TinyBackbones(checkpoints)
+
+
+@pytest.fixture
+def progress_bars(monkeypatch):
+    """``record(module)`` makes ``module.rate_progress`` record every bar it creates; returns the list."""
+    def record(module):
+        bars, real = [], module.rate_progress
+
+        def recording(*args, **kwargs):
+            bar = real(*args, **kwargs)
+            bars.append(bar)
+            return bar
+
+        monkeypatch.setattr(module, "rate_progress", recording)
+        return bars
+    return record

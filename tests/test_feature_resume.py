@@ -141,16 +141,8 @@ def test_many_small_shards_load_back(tmp_path, monkeypatch, backbone, paths):
     assert again.encoded == 0 and torch.equal(again.features, first.features)
 
 
-def test_training_views_show_one_progress_bar(tmp_path, monkeypatch, backbone, paths):
-    bars = []
-    real = F.rate_progress
-
-    def counting(*a, **kw):
-        bar = real(*a, **kw)
-        bars.append(bar)
-        return bar
-
-    monkeypatch.setattr(F, "rate_progress", counting)
+def test_training_views_show_one_progress_bar(tmp_path, progress_bars, backbone, paths):
+    bars = progress_bars(F)
     store = FeatureStore(tmp_path / "cache")
     out = store.views(backbone, paths, 3, kind="train", batch_size=8, num_workers=0, progress=False)
     assert out.features.shape[:2] == (len(paths), 3) and out.encoded == 3 * len(paths)

@@ -13,22 +13,9 @@ import pytest
 
 from calibprompt import metrics as M
 from calibprompt.metrics.smooth import _kde_bandwidth
-from tests.test_metrics import calibrated_sample
+from tests.test_metrics import calibrated_sample, random_predictions, softmax
 
 GRID = [10.0 ** (-5.0 + 4.0 * t / 14.0) for t in range(15)] + [0.2, 0.4, 0.6, 0.8, 1.0]
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def random_predictions(n: int, k: int, seed: int, scale: float = 2.0):
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=(n, k)) * scale
-    y = rng.integers(0, k, n)
-    z[np.arange(n), y] += rng.normal(1.0, 1.0, n)
-    return softmax(z), y
 
 
 def loop_top_label(probs, labels) -> tuple[list[float], list[float]]:

@@ -163,18 +163,10 @@ def test_a_full_or_read_only_disk_is_one_line_and_exit_2(demo_root, tmp_path, ca
     assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file()] if (tmp_path / "runs").exists() else True
 
 
-def test_training_shows_one_progress_bar_for_the_epochs(demo_root, tmp_path, monkeypatch):
+def test_training_shows_one_progress_bar_for_the_epochs(demo_root, tmp_path, progress_bars):
     import calibprompt.runs.prompt as prompt_module
 
-    bars = []
-    original = prompt_module.rate_progress
-
-    def recording(*args, **kwargs):
-        progress = original(*args, **kwargs)
-        bars.append(progress)
-        return progress
-
-    monkeypatch.setattr(prompt_module, "rate_progress", recording)
+    bars = progress_bars(prompt_module)
     execute_run(config(demo_root, tmp_path / "cache", epochs=3, progress=True), tmp_path / "runs")
     assert len(bars) == 1
     (task,) = bars[0].tasks
