@@ -30,6 +30,7 @@ ALLOWED = {
              "data", "prompts", "methods"},
     "demo": {"runs", "metrics", "files", "calibrators", "plots", "data", "backbones"},
     "cli": {"runs", "metrics", "files", "calibrators", "plots", "data", "backbones", "objective", "demo"},
+    "__main__": {"cli"},  # python -m calibprompt
 }
 
 

@@ -46,25 +46,6 @@ def test_metrics_with_temperature_scaling(predictions):
     assert out["calibrator"]["temperature"] > 1.0  # the simulated model is overconfident
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["metrics", "missing.npz"], "missing.npz: file not found"),
-        (["metrics", "{tmp}/bad.npz"], "expected arrays 'labels' and 'logits' or 'probs'"),
-        (["metrics", "{tmp}/test.npz", "--calibrate", "temperature"], "needs --fit-on"),
-        (["metrics", "{tmp}/probs.npz"], "apply softmax first"),
-    ],
-)
-def test_metrics_bad_input(predictions, capsys, args, message):
-    tmp, z, y = predictions
-    np.savez(tmp / "bad.npz", scores=z)
-    np.savez(tmp / "probs.npz", probs=z, labels=y)  # logits stored as probs
-    code = main([a.format(tmp=tmp) for a in args] + ["--json", str(tmp / "never.json")])
-    assert code == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp / "never.json").exists()
-
-
 def test_losses_and_help_list_examples(capsys):
     assert main(["losses"]) == 0
     out = capsys.readouterr().out
@@ -117,11 +98,3 @@ def test_splits_and_extract_commands(tmp_path, capsys, tiny_backbone):
     assert "8 images — 8 encoded, 0 already cached" in text and "2 augmented views: 16 encoded" in text
 
 
-def test_data_commands_report_bad_input(tmp_path, capsys):
-    assert main(["splits", "--dataset", "covid", "--root", str(tmp_path), "--shots", "4"]) == 2
-    assert "expected the layout ROOT/covid/images" in capsys.readouterr().err
-    from calibprompt.data.synthetic import make_dataset_tree
-
-    make_dataset_tree(tmp_path, "covid", per_class=[1, 1])
-    assert main(["extract", "--backbone", "nope", "--dataset", "covid", "--root", str(tmp_path)]) == 2
-    assert "backbone 'nope' is unknown; available: plip" in capsys.readouterr().err

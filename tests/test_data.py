@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from calibprompt.data import (
     DataError,
@@ -293,3 +294,53 @@ def test_view_bank_is_seeded_per_image_and_view(tmp_path, tiny_backbone, image_p
     assert torch.allclose(reordered.features.flip(0), bank.features, atol=1e-6)
     eval_feats = store.features(tiny_backbone, image_paths, num_workers=0, progress=False).features
     assert not torch.allclose(eval_feats, bank.features[:, 0])
+
+
+def test_holdout_split_is_stratified_disjoint_and_depends_only_on_the_listing(tmp_path):
+    from calibprompt.data import holdout_split, load_train_test
+    from calibprompt.runs import PromptRunConfig, TPTRunConfig
+
+    for c, n in (("a", 10), ("b", 3), ("c", 7)):
+        (tmp_path / "flat" / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "flat" / c / f"{i:02d}.png")
+    whole = load_dataset("imagefolder", tmp_path / "flat", "all")
+    train, test = holdout_split(whole, 0.3)
+    assert np.bincount(test.labels).tolist() == [3, 1, 2]  # round(0.3 n), at least 1
+    assert set(train.files).isdisjoint(test.files) and set(train.files) | set(test.files) == set(whole.files)
+    assert list(test.files) == sorted(test.files) and (train.split, test.split) == ("train", "test")
+    # the listing's order does not matter; the same fraction gives the same split
+    shuffled = whole.subset(np.random.default_rng(3).permutation(len(whole)))
+    assert holdout_split(shuffled, 0.3)[1].files == test.files
+    assert load_train_test("imagefolder", tmp_path / "flat", 0.3)[1].files == test.files
+    # prompt runs and TPT runs on the same folder and fraction are measured on the same images
+    common = {"backbone": "demo", "dataset": "imagefolder", "root": str(tmp_path / "flat"), "test_fraction": 0.3}
+    assert PromptRunConfig(**common).load_splits()[1].files == test.files
+    no_train, tpt_test = TPTRunConfig(**common, method="tpt").load_splits()
+    assert no_train is None and tpt_test.files == test.files
+    # a class of one image cannot be split; fractions outside (0, 1) are refused
+    (tmp_path / "flat" / "d").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "d" / "0.png")
+    with pytest.raises(DataError, match=r"\['d'\] have fewer than 2 images"):
+        load_train_test("imagefolder", tmp_path / "flat", 0.3)
+    for bad in (0, 1, 1.5, -0.1, True):
+        with pytest.raises(DataError, match="strictly between 0 and 1"):
+            holdout_split(whole, bad)
+
+
+def test_csv_split_column_and_train_without_one(tmp_path):
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "split.csv").write_text("path,label\n0.png,cat,train\n1.png,dog,train\n2.png,cat,test\n3.png,dog,test\n")
+    train, test = load_dataset("csv", tmp_path / "split.csv", "train"), load_dataset("csv", tmp_path / "split.csv")
+    assert train.files == ("0.png", "1.png") and test.files == ("2.png", "3.png")
+    assert train.classnames == test.classnames == ("cat", "dog")
+    with pytest.raises(DataError, match="a held-out test\\s+fraction is only for a CSV without one"):
+        load_dataset("csv", tmp_path / "split.csv", "all")
+    (tmp_path / "plain.csv").write_text("0.png,cat\n1.png,dog\n")
+    assert len(load_dataset("csv", tmp_path / "plain.csv", "test")) == 2  # a single test set
+    with pytest.raises(DataError, match="no split column"):
+        load_dataset("csv", tmp_path / "plain.csv", "train")
+    (tmp_path / "mixed.csv").write_text("0.png,cat,train\n1.png,dog\n")
+    with pytest.raises(DataError, match="mixed.csv:2: no split"):
+        load_dataset("csv", tmp_path / "mixed.csv", "train")

@@ -83,10 +83,15 @@ def load_demo_backbone(weights: str | None = None, device: str | torch.device = 
     directory = Path(weights).expanduser() if weights else None
     config_path = directory / CONFIG_FILE if directory else _packaged(CONFIG_FILE)
     weights_path = directory / WEIGHTS_FILE if directory else _packaged(WEIGHTS_FILE)
+    if directory is not None and not directory.is_dir():
+        raise BackboneLoadError(f"backbone 'demo': weights directory '{directory}' does not exist (expected a "
+                                f"directory with {CONFIG_FILE} and {WEIGHTS_FILE}, or no --weights for the "
+                                "packaged model)")
     if not config_path.is_file() or not weights_path.is_file():
+        where = ("the installed package is incomplete; reinstall calibprompt" if directory is None
+                 else "the demo training script writes both")
         raise BackboneLoadError(
-            f"backbone 'demo': expected {CONFIG_FILE} and {WEIGHTS_FILE} in "
-            f"{config_path.parent}; regenerate them with scripts/train_demo_model.py"
+            f"backbone 'demo': expected {CONFIG_FILE} and {WEIGHTS_FILE} in {config_path.parent} ({where})"
         )
     config = json.loads(config_path.read_text())
     model = build_demo_clip(config)

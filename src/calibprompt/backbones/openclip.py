@@ -34,6 +34,7 @@ from calibprompt.backbones.sources import (
     assign_state_dict,
     error_summary,
     hub_file,
+    hub_mode,
     is_hub_id,
     load_state_dict,
     local_dir,
@@ -426,13 +427,15 @@ def load_open_clip(
         if weights not in tags:
             raise BackboneLoadError(f"{what}: weights '{weights}' is neither a file, a directory, "
                                     f"'random', nor a pretrained tag of {arch} ({', '.join(tags) or 'none'})")
-        try:
-            model = open_clip.create_model(arch, pretrained=weights)
-        except Exception as exc:
-            raise BackboneLoadError(
-                f"{what}: could not load pretrained tag '{weights}' ({error_summary(exc)}). Offline: "
-                "download the checkpoint and pass its path as weights=FILE."
-            ) from exc
+        with hub_mode() as offline:
+            try:
+                model = open_clip.create_model(arch, pretrained=weights)
+            except Exception as exc:
+                reason = f"the Hub is not reachable: {offline}; " if offline else ""
+                raise BackboneLoadError(
+                    f"{what}: could not load pretrained tag '{weights}' ({reason}{error_summary(exc)}). "
+                    "Offline: download the checkpoint and pass its path as weights=FILE."
+                ) from exc
         pre = open_clip.get_pretrained_cfg(arch, weights)
         config["preprocess_cfg"] = {k: pre[k] for k in ("mean", "std", "interpolation") if k in pre}
         model_cfg = config["model_cfg"]

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import torch
 from safetensors.torch import load_file
@@ -25,6 +29,8 @@ __all__ = [
     "assign_state_dict",
     "error_summary",
     "hub_file",
+    "hub_mode",
+    "hub_offline_reason",
     "hub_repo",
     "is_hub_id",
     "load_state_dict",
@@ -69,22 +75,73 @@ def hub_repo(source: str) -> str:
     return source[len(HUB_PREFIX):] if source.startswith(HUB_PREFIX) else source
 
 
+#: Seconds to wait for the Hub's host before treating the machine as offline.
+HUB_PROBE_TIMEOUT = 3.0
+
+
+@cache
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (``None`` if it can), decided once per process:
+    ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``) set by the user, or no TCP connection to
+    the endpoint's host (``HF_ENDPOINT``, default huggingface.co) within
+    :data:`HUB_PROBE_TIMEOUT` seconds. Offline, hub ids are served from the local Hugging Face
+    cache only -- without the library's retries, which take 30-60 s before giving up."""
+    from huggingface_hub import constants  # heavy optional dependency: imported on use
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1 is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError as exc:
+        return f"{host} cannot be reached: {type(exc).__name__}: {exc}"
+    return None
+
+
+@contextmanager
+def hub_mode() -> Iterator[str | None]:
+    """Inside: the Hub libraries in offline mode (local cache only) when the Hub cannot be
+    reached; yields the reason (``None`` online)."""
+    from huggingface_hub import constants
+
+    reason = hub_offline_reason()
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or reason is not None
+    try:
+        yield reason
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _offline_message(what: str, repo: str, reason: str, layout: str) -> str:
+    from huggingface_hub import constants
+
+    return (f"{what}: '{repo}' is a Hugging Face Hub id, but the Hub is not reachable ({reason}) and the "
+            f"repository is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}).\n"
+            f"Either download it once on a machine with access (`hf download {repo}`, then copy the cache "
+            f"folder, or set HF_HOME to it), or place its files in a directory and pass it as weights=DIR "
+            f"(CLI: --weights DIR). Expected layout:\n{layout}")
+
+
 def hub_file(source: str, filename: str, what: str, layout: str) -> Path:
-    """Download (or take from the local Hugging Face cache) ``filename`` of a hub repository."""
+    """Download (or take from the local Hugging Face cache) ``filename`` of a hub repository;
+    offline (:func:`hub_offline_reason`) only the cache is consulted, and a miss fails at once."""
     from huggingface_hub import hf_hub_download  # heavy optional dependency: imported on use
 
     repo = hub_repo(source)
-    try:
-        return Path(hf_hub_download(repo_id=repo, filename=filename))
-    except Exception as exc:  # network, missing file, auth: all end the same way for the user
-        offline = os.environ.get("HF_HUB_OFFLINE") or "connect" in str(exc).lower()
-        reason = "no network access; " if offline else ""
-        raise BackboneLoadError(
-            f"{what}: could not get '{filename}' from the Hugging Face Hub repository '{repo}' "
-            f"({reason}{error_summary(exc)}).\n"
-            f"To use it offline, download the files once and pass the directory as weights=DIR "
-            f"(CLI: --weights DIR). Expected layout:\n{layout}"
-        ) from exc
+    with hub_mode() as offline:
+        try:
+            return Path(hf_hub_download(repo_id=repo, filename=filename))
+        except Exception as exc:  # network, missing file, auth: all end the same way for the user
+            if offline is not None:
+                raise BackboneLoadError(_offline_message(what, repo, offline, layout)) from exc
+            raise BackboneLoadError(
+                f"{what}: could not get '{filename}' from the Hugging Face Hub repository '{repo}' "
+                f"({error_summary(exc)}).\n"
+                f"To use it offline, download the files once and pass the directory as weights=DIR "
+                f"(CLI: --weights DIR). Expected layout:\n{layout}"
+            ) from exc
 
 
 def local_dir(source: str | os.PathLike[str], what: str, layout: str) -> Path:
@@ -175,7 +232,17 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 def pretrained(load: Callable[[str], _T], location: str, what: str, thing: str, hint: str,
                layout: str) -> _T:
     """``load(location)`` -- a transformers ``from_pretrained`` -- with any failure raised as a
-    :class:`BackboneLoadError` naming ``thing``, the location, ``hint`` and the expected layout."""
+    :class:`BackboneLoadError` naming ``thing``, the location, ``hint`` and the expected layout.
+    A hub id while the Hub is unreachable is served from the local cache or fails at once."""
+    if is_hub_id(location):
+        with hub_mode() as offline:
+            try:
+                return load(location)
+            except Exception as exc:
+                if offline is None:
+                    raise BackboneLoadError(f"{what}: could not load {thing} from '{location}' "
+                                            f"({error_summary(exc, 300)}). {hint} Expected layout:\n{layout}") from exc
+                raise BackboneLoadError(_offline_message(what, hub_repo(location), offline, layout)) from exc
     try:
         return load(location)
     except BackboneLoadError:

@@ -15,11 +15,13 @@ from these pipelines in :mod:`calibprompt.data.views`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
+
+if TYPE_CHECKING:
+    from torchvision import transforms as T
 
 __all__ = [
     "MEDCLIP_MEAN",
@@ -31,6 +33,7 @@ __all__ = [
     "ToRGB",
     "clip_transform",
     "medclip_transform",
+    "torchvision_transforms",
 ]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -38,7 +41,15 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MEDCLIP_MEAN = 0.5862785803043838
 MEDCLIP_STD = 0.27950088968644304
 
-_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+
+
+def torchvision_transforms():
+    """``torchvision.transforms``, imported when the first pipeline is built: importing
+    torchvision costs ~1.5 s (it loads torch._dynamo), which commands that never touch an image
+    -- ``--help``, reports, metrics, every input error -- should not pay."""
+    from torchvision import transforms
+
+    return transforms
 
 
 class ToRGB:
@@ -89,11 +100,14 @@ def clip_transform(
     interpolation: str = "bicubic",
 ) -> T.Compose:
     """CLIP-style evaluation preprocessing (see the module docstring)."""
-    return T.Compose([T.Resize(size, interpolation=_INTERPOLATION[interpolation]), T.CenterCrop(size),
+    T = torchvision_transforms()
+    modes = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+    return T.Compose([T.Resize(size, interpolation=modes[interpolation]), T.CenterCrop(size),
                       ToRGB(), T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
 
 
 def medclip_transform(size: int = 224) -> T.Compose:
     """MedCLIP evaluation preprocessing (see the module docstring)."""
+    T = torchvision_transforms()
     return T.Compose([PadToSquare(size), T.Resize((size, size)), T.ToTensor(),
                       T.Normalize((MEDCLIP_MEAN,), (MEDCLIP_STD,)), RepeatChannels()])

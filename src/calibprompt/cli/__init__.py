@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from calibprompt import __version__
 from calibprompt.cli import data, demo, measure, results, run
@@ -17,12 +18,20 @@ __all__ = ["CLIError", "build_parser", "main"]
 MODULES = (measure, data, run, results, demo)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other user error (its usage block would
+    bury the message): ``calibprompt train: error: argument --lr: ... (see calibprompt train --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command (each module registers its own)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="calibprompt", description="Calibration-aware prompt tuning and calibration metrics for medical VLMs.")
     parser.add_argument("--version", action="version", version=f"calibprompt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def add(name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=help_text, epilog=examples,

@@ -130,4 +130,10 @@ def print_run(result: Any, label: str = "") -> None:
     rate = result.metrics.get("images_per_second")
     speed = f"  ({rate:.1f} img/s)" if rate and not result.skipped else ""
     console.print(f"{state}{label}{summary_line(result.metrics)}{speed}")
-    console.print(f"run directory: {result.directory}")
+    left_out = [*result.metrics.get("excluded_test_images", []), *result.metrics.get("excluded_train_images", [])]
+    if left_out:
+        console.print(f"[yellow]{len(left_out)} unreadable image(s) left out[/] (--skip-unreadable; all listed in "
+                      "metrics.json):", soft_wrap=True)
+        for path, reason in left_out[:10]:
+            console.print(f"  {path}: {reason}", soft_wrap=True, markup=False)
+    console.print(f"run directory: {result.directory}", soft_wrap=True)

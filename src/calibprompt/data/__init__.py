@@ -2,7 +2,13 @@
 
 from calibprompt.data.datasets import DATASETS, DataError, Dataset, list_datasets, load_dataset
 from calibprompt.data.features import FeatureResult, FeatureStore, default_cache_dir
-from calibprompt.data.splits import SplitManifest, few_shot, validation_split
+from calibprompt.data.splits import (
+    SplitManifest,
+    few_shot,
+    holdout_split,
+    load_train_test,
+    validation_split,
+)
 
 __all__ = [
     "DATASETS",
@@ -13,7 +19,9 @@ __all__ = [
     "SplitManifest",
     "default_cache_dir",
     "few_shot",
+    "holdout_split",
     "list_datasets",
     "load_dataset",
+    "load_train_test",
     "validation_split",
 ]

@@ -34,6 +34,8 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 DEFAULT_TEMPLATE = "a photo of a {}."
+#: The split name of a whole folder or CSV without its own train/test split.
+ALL = "all"
 
 
 class DataError(ValueError):
@@ -251,12 +253,19 @@ def _load_imagefolder(root: Path, split: str, templates: Sequence[str] | None) -
         raise DataError(f"{root}: not a directory; expected ROOT/{{train,test}}/<class>/* (a flat ROOT/<class>/* "
                         "serves as a test set only)")
     has_splits = any((root / s).is_dir() for s in ("train", "test"))
-    if split and not (root / split).is_dir() and (has_splits or split == "train"):
+    if split == ALL and has_splits:
+        raise DataError(f"{root}: has its own split folders ({', '.join(s for s in ('train', 'test') if (root / s).is_dir())}); "
+                        "a held-out test fraction is only for a folder without one -- drop --test-fraction")
+    requested = split
+    if split == ALL:
+        split = ""
+    elif split and not (root / split).is_dir() and (has_splits or split == "train"):
         if split == "train":
-            raise DataError(f"{root}: no 'train' folder. Training needs ROOT/train/<class>/* and ROOT/test/<class>/*; "
-                            "a flat folder of classes has no train/test split (using it for both would test on the "
-                            "training images). Commands that only read a test set (tpt, evaluate --dataset) take a "
-                            "flat folder as the test set.")
+            raise DataError(f"{root}: no 'train' folder. Training needs ROOT/train/<class>/* and ROOT/test/<class>/*, "
+                            "or a seeded held-out test set from the flat folder: --test-fraction 0.3 (Python: "
+                            "test_fraction=0.3). Using one folder for both would test on the training images. "
+                            "Commands that only read a test set (tpt, evaluate --dataset) take a flat folder as "
+                            "the test set.")
         raise DataError(f"{root}: split '{split}' not found (found: "
                         f"{', '.join(s for s in ('train', 'test') if (root / s).is_dir())})")
     split_dir = root / split if split and (root / split).is_dir() else root
@@ -267,19 +276,22 @@ def _load_imagefolder(root: Path, split: str, templates: Sequence[str] | None) -
     classnames = (read_classnames(names_file, folders) if names_file
                   else [f.replace("_", " ") for f in folders])
     files, labels, bad = _scan_class_folders(split_dir, folders)
-    dataset = Dataset("imagefolder", split_dir, split, tuple(files), np.asarray(labels, dtype=np.int64),
+    dataset = Dataset("imagefolder", split_dir, requested, tuple(files), np.asarray(labels, dtype=np.int64),
                       tuple(classnames), tuple(templates or (DEFAULT_TEMPLATE,)), tuple(folders))
     return dataset.without(bad) if bad else dataset
 
 
 def _load_csv(path: Path, split: str, classnames: Sequence[str] | None,
               templates: Sequence[str] | None) -> Dataset:
-    """A CSV with columns ``path,label`` (header optional); paths relative to the CSV's folder;
-    labels are class indices, or class names (then sorted unless ``classnames`` gives the order)."""
+    """A CSV with columns ``path,label[,split]`` (header optional); paths relative to the CSV's
+    folder; labels are class indices, or class names (then sorted unless ``classnames`` gives the
+    order). With a third column, a row belongs to the split it names (``train``, ``test``, ...);
+    without one the CSV is a single test set (training on it needs a held-out test fraction)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: CSV manifest not found (expected rows 'relative/path.jpg,label')")
     rows: list[tuple[int, str, str]] = []
+    splits: list[str] = []
     with path.open(newline="", encoding="utf-8") as f:
         for number, row in enumerate(csv.reader(f), start=1):
             if not row or all(not c.strip() for c in row):
@@ -287,10 +299,31 @@ def _load_csv(path: Path, split: str, classnames: Sequence[str] | None,
             if number == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
                 continue
             if len(row) < 2:
-                raise DataError(f"{path}:{number}: expected 'path,label', got {','.join(row)!r}")
+                raise DataError(f"{path}:{number}: expected 'path,label[,split]', got {','.join(row)!r}")
             rows.append((number, row[0].strip(), row[1].strip()))
+            splits.append(row[2].strip() if len(row) > 2 else "")
     if not rows:
-        raise DataError(f"{path}: no rows; expected 'path,label' lines")
+        raise DataError(f"{path}: no rows; expected 'path,label[,split]' lines")
+    if any(splits):
+        blank = [r[0] for r, name in zip(rows, splits, strict=True) if not name]
+        if blank:
+            raise DataError(f"{path}:{blank[0]}: no split in the third column (other rows have one); "
+                            "expected train, test, ...")
+        if split == ALL:
+            raise DataError(f"{path}: has a split column ({', '.join(sorted(set(splits)))}); a held-out test "
+                            "fraction is only for a CSV without one -- drop --test-fraction")
+        if split not in splits:
+            raise DataError(f"{path}: no rows of split '{split}' (the split column holds: "
+                            f"{', '.join(sorted(set(splits)))})")
+        # labels are indexed over every row, so that the splits share one class list
+        selected = [i for i, name in enumerate(splits) if name == split]
+    elif split == "train":
+        raise DataError(f"{path}: no split column, so the CSV is a single test set. Training needs rows "
+                        "'path,label,train' and 'path,label,test', or a seeded held-out test set: "
+                        "--test-fraction 0.3 (Python: test_fraction=0.3). Using the same rows for both "
+                        "would test on the training images.")
+    else:
+        selected = list(range(len(rows)))
     raw_labels = [r[2] for r in rows]
     if all(lbl.lstrip("-").isdigit() for lbl in raw_labels):
         labels = [int(lbl) for lbl in raw_labels]
@@ -308,6 +341,7 @@ def _load_csv(path: Path, split: str, classnames: Sequence[str] | None,
                 raise DataError(f"{path}:{number}: label '{lbl}' is not a class ({', '.join(names)})")
             labels.append(index[lbl])
     base = path.parent
+    rows, labels = [rows[i] for i in selected], [labels[i] for i in selected]
     files, bad = [], {}
     for number, rel, _ in rows:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
@@ -324,6 +358,11 @@ def _load_csv(path: Path, split: str, classnames: Sequence[str] | None,
     return dataset.without(bad) if bad else dataset
 
 
+def _refuse_all(name: str) -> None:
+    raise DataError(f"{name} has its own train/test split; a held-out test fraction (--test-fraction) is only "
+                    "for an imagefolder or csv without one")
+
+
 def list_datasets() -> list[str]:
     return [*DATASETS, "imagefolder", "csv"]
 
@@ -335,10 +374,16 @@ def load_dataset(
     """Load a dataset split.
 
     ``name``: a registered dataset (``covid``, ``rsna18``, ``kather``, ``pannuke``,
-    ``digestpath``), ``imagefolder`` (``root/<class>/*`` or ``root/<split>/<class>/*``; class names
-    from ``classnames.txt`` or the folder names) or ``csv`` (``root`` is the CSV file).
+    ``digestpath``), ``imagefolder`` (``root/<split>/<class>/*``, or a flat ``root/<class>/*``
+    that serves as a test set only; class names from ``classnames.txt`` or the folder names) or
+    ``csv`` (``root`` is the CSV file; a third column names each row's split).
+    ``split="all"`` is the whole of a folder or CSV without its own split (the pool from which
+    :func:`~calibprompt.data.splits.holdout_split` holds out a test set); data with a split
+    refuse it.
     """
     if name in DATASETS:
+        if split == ALL:
+            _refuse_all(name)
         return _load_registered(DATASETS[name], Path(root), split)
     if name == "imagefolder":
         return _load_imagefolder(Path(root), split, templates)

@@ -9,6 +9,10 @@ dataset fingerprint; loading one validates that every file still exists with the
 ``validation_split(dataset, exclude=manifest, ...)`` carves a class-balanced labelled set from the
 *train* pool minus the few-shot images -- for hyperparameter choice and post-hoc calibration,
 never from test.
+
+``load_train_test(name, root, test_fraction=None)`` is how runs get their train and test splits:
+the dataset's own (with the class lists cross-checked), or -- for a folder or CSV without a
+split -- a seeded, class-stratified test set held out by :func:`holdout_split`.
 """
 
 from __future__ import annotations
@@ -23,14 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from calibprompt.data.datasets import DataError, Dataset
+from calibprompt.data.datasets import ALL, DataError, Dataset, load_dataset
 from calibprompt.data.images import check_image, file_hash
 from calibprompt.files import write_json
 
-__all__ = ["SplitManifest", "few_shot", "split_rng", "validation_split"]
+__all__ = ["HOLDOUT_SEED", "SplitManifest", "few_shot", "holdout_split", "load_train_test", "split_rng",
+           "validation_split"]
 
 MANIFEST_VERSION = 1
-_STREAMS = {"few_shot": 1, "validation": 2}
+_STREAMS = {"few_shot": 1, "validation": 2, "holdout": 3}
+
+#: The seed of every held-out test set: independent of the run seed, so that every seed and
+#: method of an experiment is measured on the same images.
+HOLDOUT_SEED = 0
 
 
 def split_rng(seed: int, stream: str) -> np.random.Generator:
@@ -208,3 +217,54 @@ def validation_split(
     if manifest_path is not None:
         manifest.save(manifest_path)
     return manifest
+
+
+def holdout_split(dataset: Dataset, fraction: float) -> tuple[Dataset, Dataset]:
+    """A class-stratified, seeded train/test split of a dataset without its own.
+
+    Each class's **sorted** file list is permuted by ``SeedSequence([HOLDOUT_SEED, 3])`` (one
+    generator, classes in label order); its first ``round(fraction * n_c)`` files -- at least 1,
+    at most ``n_c - 1`` -- are the test set, the rest the train pool. The split depends only on
+    the listing and ``fraction`` (never on the run seed); the two parts are disjoint and cover
+    the dataset. A class with fewer than 2 images cannot be split and is an error naming it.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise DataError(f"test_fraction: expected a number strictly between 0 and 1, got {fraction!r}")
+    counts = dataset.class_counts()
+    small = [dataset.classnames[c] for c in np.flatnonzero(counts < 2)]
+    if small:
+        raise DataError(f"{dataset.root}: class(es) {small} have fewer than 2 images; a held-out test set "
+                        "needs at least one train and one test image per class")
+    rng = split_rng(HOLDOUT_SEED, "holdout")
+    files = np.asarray(dataset.files)
+    order = np.argsort(files, kind="stable")
+    train, test = [], []
+    for label in range(dataset.num_classes):
+        pool = [int(i) for i in order if dataset.labels[i] == label]
+        permuted = [pool[j] for j in rng.permutation(len(pool))]
+        k = min(len(pool) - 1, max(1, round(fraction * len(pool))))
+        test += permuted[:k]
+        train += permuted[k:]
+    def listing(indices: list[int]) -> list[int]:  # in sorted-file order, like a loaded split
+        return sorted(indices, key=lambda i: dataset.files[i])
+
+    return dataset.subset(listing(train), split="train"), dataset.subset(listing(test), split="test")
+
+
+def load_train_test(name: str, root: str | Path, test_fraction: float | None = None) -> tuple[Dataset, Dataset]:
+    """The train and test splits of a run.
+
+    Without ``test_fraction``: the dataset's own ``train`` and ``test`` splits, whose class lists
+    must agree (labels follow the folder order, so a test split lacking a class would silently
+    shift every label after it). With it: :func:`holdout_split` of the whole folder or CSV
+    (``split="all"``), which must not have a split of its own."""
+    if test_fraction is None:
+        train = load_dataset(name, root, "train")
+        test = load_dataset(name, root, "test")
+        if list(train.classnames) != list(test.classnames) or train.class_folders != test.class_folders:
+            raise DataError(f"{root}: the train classes {list(train.class_folders or train.classnames)} differ "
+                            f"from the test classes {list(test.class_folders or test.classnames)}; labels follow "
+                            "the sorted folder order, so both splits need the same class folders")
+        return train, test
+    whole = load_dataset(name, root, ALL)
+    return holdout_split(whole, test_fraction)

@@ -21,12 +21,21 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image, ImageOps
-from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
+
+if TYPE_CHECKING:
+    from torchvision import transforms as T
+
+
+def torchvision_transforms():
+    """``torchvision.transforms``, imported when the first view pipeline is built (importing
+    torchvision costs ~1.5 s, which commands that never touch an image should not pay)."""
+    from torchvision import transforms
+
+    return transforms
 
 __all__ = [
     "VIEW_KINDS",
@@ -115,6 +124,7 @@ class AugMix:
 def _split_eval_transform(eval_transform: T.Compose) -> tuple[list, int, list]:
     """(ops before the resize, crop size, ops after the geometry) of a backbone's eval pipeline."""
     ops = list(getattr(eval_transform, "transforms", []))
+    T = torchvision_transforms()
     geometry = [i for i, op in enumerate(ops) if isinstance(op, T.Resize | T.CenterCrop)]
     if not geometry:
         raise ValueError(f"augmented views: cannot find the resize/crop in {eval_transform!r}")
@@ -128,6 +138,7 @@ def _split_eval_transform(eval_transform: T.Compose) -> tuple[list, int, list]:
 def _augmented(eval_transform: T.Compose, crop: list, augmix: bool) -> T.Compose:
     """``eval_transform`` with its resize/crop replaced by ``crop``, the tensor ops through
     :class:`AugMix` when ``augmix``."""
+    T = torchvision_transforms()
     before, _, after = _split_eval_transform(eval_transform)
     if augmix:
         return T.Compose([*before, *crop, AugMix(T.Compose(after))])
@@ -139,7 +150,8 @@ def train_view_transform(eval_transform: T.Compose, augmix: bool = False) -> T.C
     ``RandomResizedCrop(size, scale 0.08-1, bicubic)`` + horizontal flip (CoOp / CalibPrompt),
     then its tensor ops (through :class:`AugMix` when ``augmix``)."""
     _, size, _ = _split_eval_transform(eval_transform)
-    crop = [T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC),
+    T = torchvision_transforms()
+    crop = [T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip()]
     return _augmented(eval_transform, crop, augmix)
 
@@ -150,6 +162,7 @@ def tpt_view_transform(eval_transform: T.Compose, augmix: bool = True) -> T.Comp
     ``get_preaugment``) + horizontal flip, then its tensor ops, through :class:`AugMix`
     (severity 1) when ``augmix``."""
     _, size, _ = _split_eval_transform(eval_transform)
+    T = torchvision_transforms()
     return _augmented(eval_transform, [T.RandomResizedCrop(size), T.RandomHorizontalFlip()], augmix)
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import platform
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,7 +17,8 @@ import torch
 
 from calibprompt import __version__
 from calibprompt.backbones import load_backbone
-from calibprompt.data import Dataset, FeatureStore
+from calibprompt.data import DataError, Dataset, FeatureStore, load_dataset, load_train_test
+from calibprompt.data.splits import HOLDOUT_SEED
 from calibprompt.runs.directory import RunDirectory
 from calibprompt.runs.identity import RunIdentity, data_fingerprint
 
@@ -29,6 +31,9 @@ __all__ = [
     "device_kind",
     "option",
     "package_versions",
+    "test_split_record",
+    "unreadable_hint",
+    "unreadable_message",
 ]
 
 
@@ -50,6 +55,12 @@ class RunConfigBase:
     backbone: str = option(help="plip, quiltnet, biomedclip, medclip, clip:<open_clip architecture>, demo")
     dataset: str = option(help="covid, rsna18, kather, pannuke, digestpath, demo, imagefolder, csv")
     root: str = option(help="dataset root (ROOT or ROOT/<dataset dir>; for csv, the CSV file)")
+    test_fraction: float | None = option(
+        None, help="hold out this fraction of each class of a folder or CSV without its own train/test split as "
+                   "the test set (seeded, the same images for every seed and method)", metavar="F",
+        default_text="the dataset's own test split")
+    skip_unreadable: bool = option(False, help="leave out images that do not decode (each listed with its reason "
+                                               "in metrics.json) instead of stopping at them")
     method: str = option("", help="the method")
     weights: str | None = option(None, help="hub id, local directory or file", default_text="the family's hub id")
     seed: int = option(1, help="seed of everything random in the run (splits, initialisation, views, batches)")
@@ -72,6 +83,45 @@ class RunConfigBase:
                 names = " or ".join("None" if a is type(None) else a.__name__ for a in allowed)
                 raise ValueError(f"{f.name}: expected {names}, got {value!r}")
 
+    def check_base_options(self) -> None:
+        """``test_fraction`` is a fraction strictly between 0 and 1 (or unset); ``workers`` is not
+        negative (0 decodes in the main process)."""
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers: expected a non-negative number of processes (0 = decode in the main "
+                             f"process), got {self.workers!r}")
+        if self.cache is not None and Path(self.cache).expanduser().exists() and not Path(self.cache).expanduser().is_dir():
+            raise ValueError(f"cache: {self.cache} exists and is not a directory; expected the feature cache "
+                             "directory (created if missing)")
+        f = self.test_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1):
+            raise ValueError(f"test_fraction: expected a number strictly between 0 and 1, got {f!r}")
+
+    def data_effective(self) -> dict[str, Any]:
+        """The data options that determine a result (empty when the dataset's own splits are used,
+        so that such runs keep their identity)."""
+        return {} if self.test_fraction is None else {"test_fraction": float(self.test_fraction)}
+
+    @property
+    def needs_train(self) -> bool:
+        """Whether the run reads the train split (a run that does not takes a flat folder as its
+        test set)."""
+        return True
+
+    def load_splits(self) -> tuple[Dataset | None, Dataset]:
+        """(train, test) of the run: the dataset's own splits (classes cross-checked) or a held-out
+        test fraction of a folder without one; a run that does not need the train split reads only
+        a test set (a flat folder is one) unless a fraction is held out (train is then ``None``)."""
+        if self.needs_train or self.test_fraction is not None:
+            train, test = load_train_test(self.dataset, self.root, self.test_fraction)
+            return (train if self.needs_train else None), test
+        return None, load_dataset(self.dataset, self.root, "test")
+
+    def check_readable(self, excluded: Sequence[tuple[str, str]], what: str) -> None:
+        """Unreadable images stop the run (listed with their reasons) unless ``skip_unreadable``
+        -- skipping is a choice the user makes, recorded in the run."""
+        if excluded and not self.skip_unreadable:
+            raise DataError(unreadable_message(excluded, what))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Any:
         """The config from its stored form (``config.json``'s ``config``); unknown keys are an error."""
@@ -81,6 +131,38 @@ class RunConfigBase:
             raise ValueError(f"{cls.kind} run config: unknown keys {sorted(unknown)}; expected some of "
                              f"{sorted(known)}")
         return cls(**data)
+
+
+def unreadable_message(excluded: Sequence[tuple[str, str]], what: str, shown: int = 10) -> str:
+    """``N image(s) of WHAT do not decode`` with each path and reason (the first ``shown``) and
+    what to do about it."""
+    lines = [f"  {path}: {reason}" for path, reason in excluded[:shown]]
+    if len(excluded) > shown:
+        lines.append(f"  ... and {len(excluded) - shown} more")
+    return (f"{len(excluded)} image(s) of {what} do not decode:\n" + "\n".join(lines) +
+            "\nReplace or remove them, or pass --skip-unreadable (Python: skip_unreadable=True) to leave them "
+            "out; the run then lists them in metrics.json. Features encoded so far are cached.")
+
+
+@contextmanager
+def unreadable_hint() -> Iterator[None]:
+    """Inside: a split draw that meets an image that does not decode fails with the way out."""
+    try:
+        yield
+    except DataError as exc:
+        if "unreadable image" not in str(exc):
+            raise
+        raise DataError(f"{exc}\nReplace or remove it, or pass --skip-unreadable (Python: skip_unreadable=True) "
+                        "to leave such images out of the draw (the run's split manifests list them).") from exc
+
+
+def test_split_record(config: RunConfigBase, train: Dataset | None, test: Dataset) -> dict[str, Any]:
+    """The ``config.json`` entry of a held-out test set (empty for a dataset's own test split)."""
+    if config.test_fraction is None:
+        return {}
+    total = len(test) + (len(train) if train is not None else 0)
+    return {"test_split": {"held_out_fraction": float(config.test_fraction), "images": len(test), "of": total,
+                           "seed": HOLDOUT_SEED}}
 
 
 def _is_a(value: Any, kind: Any) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from calibprompt.data import DataError, FeatureStore, few_shot, load_dataset, validation_split
+from calibprompt.data import DataError, FeatureStore, few_shot, validation_split
 from calibprompt.files import atomic_path, slug, write_json
 from calibprompt.losses import LOSSES
 from calibprompt.methods import coop  # coop.train_prompt: one name for tests to patch
@@ -41,6 +41,8 @@ from calibprompt.runs.common import (
     dataset_fingerprint,
     device_kind,
     option,
+    test_split_record,
+    unreadable_hint,
 )
 from calibprompt.runs.directory import RunDirectory
 from calibprompt.runs.identity import RunIdentity, run_name
@@ -145,6 +147,7 @@ class PromptRunConfig(RunConfigBase):
             raise ValueError(f"val_per_class: expected a positive integer, got {self.val_per_class!r}")
         if self.seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {self.seed!r}")
+        self.check_base_options()
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision: expected fp32, bf16 or fp16, got {self.precision!r}")
         self.objective()  # an unknown preset or a malformed expression fails here
@@ -154,7 +157,7 @@ class PromptRunConfig(RunConfigBase):
         """The fields that determine the result, defaults resolved; zero-shot runs leave out the
         training fields (they do not apply)."""
         data = {"method": self.method, "backbone": self.backbone, "dataset": self.dataset, "seed": self.seed,
-                "val_per_class": val_per_class or self.val_per_class}
+                "val_per_class": val_per_class or self.val_per_class, **self.data_effective()}
         if not self.zero_shot:
             train = self.train_config()
             data.update({k: getattr(self, k) for k in TRAINING_FIELDS if k not in ("alpha", "weight")})
@@ -168,16 +171,12 @@ class PromptRunConfig(RunConfigBase):
         """Validate everything, load the data and backbone, identify the run (no writes)."""
         self.validate()
         objective = self.objective()
-        train = load_dataset(self.dataset, self.root, "train")
-        test = load_dataset(self.dataset, self.root, "test")
+        train, test = self.load_splits()
         counts = train.class_counts()
         if not self.zero_shot and self.shots > counts.min():
             small = [train.classnames[i] for i in np.flatnonzero(counts < self.shots)]
             raise DataError(f"--shots {self.shots}: class(es) {small} of {self.dataset}/train have fewer "
                             f"images ({counts.min()} at least); use fewer shots")
-        if list(train.classnames) != list(test.classnames):
-            raise DataError(f"{self.root}: train classes {list(train.classnames)} differ from test classes "
-                            f"{list(test.classnames)}")
         left = int(counts.min()) - (0 if self.zero_shot else self.shots)  # per class, for validation
         if left < 1 or (self.val_per_class is not None and self.val_per_class > left):
             small = [train.classnames[i] for i in np.flatnonzero(counts == counts.min())]
@@ -205,7 +204,7 @@ class PromptRunConfig(RunConfigBase):
                         skip=("method", "backbone", "dataset", "seed", "shots", "objective"))
         method_dir = slug(self.method, limit=40)
         path = Path(slug(self.dataset)) / slug(self.backbone) / method_dir / name
-        record = {"objective": None if objective is None else objective.to_dict()}
+        record = {"objective": None if objective is None else objective.to_dict(), **test_split_record(self, train, test)}
 
         def work(directory: RunDirectory) -> Outputs:
             return _work(self, directory, backbone, store, train, test, objective, val_per_class)
@@ -232,10 +231,14 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
     kw = {"num_workers": config.workers, "progress": config.progress}
     shots = None
     if not config.zero_shot:
-        shots = few_shot(train, config.shots, config.seed, manifest_path=directory.path("splits/few_shot.json"))
-    val = validation_split(train, exclude=shots, per_class=val_per_class, seed=config.seed,
-                           manifest_path=directory.path("splits/validation.json"))
+        with unreadable_hint():
+            shots = few_shot(train, config.shots, config.seed, strict=not config.skip_unreadable,
+                             manifest_path=directory.path("splits/few_shot.json"))
+    with unreadable_hint():
+        val = validation_split(train, exclude=shots, per_class=val_per_class, seed=config.seed,
+                               strict=not config.skip_unreadable, manifest_path=directory.path("splits/validation.json"))
     test_feats = store.features(backbone, test.paths, **kw)
+    config.check_readable(test_feats.excluded, f"the test split ({test.root})")
     val_set = val.subset_of(train)
     val_feats = store.features(backbone, val_set.paths, **kw)
     zs_text = zeroshot_text_features(backbone, train.classnames, train.templates)
@@ -295,4 +298,6 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
         test_files=[test.files[i] for i in test_feats.index],
         val_logits=val_logits, val_labels=val_set.labels[val_feats.index],
         val_files=[val_set.files[i] for i in val_feats.index],
-        excluded=list(test_feats.excluded), logs=logs)
+        excluded=list(test_feats.excluded), logs=logs,
+        extra={"excluded_train_images": [[e["file"], e["reason"]] for m in (shots, val) if m is not None
+                                          for e in m.excluded]})

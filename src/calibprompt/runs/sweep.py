@@ -29,7 +29,6 @@ from typing import Any
 
 import yaml
 
-from calibprompt.data import load_dataset
 from calibprompt.runs.apply import KINDS
 from calibprompt.runs.execute import RunResult, execute_run
 from calibprompt.runs.report import write_report
@@ -61,7 +60,12 @@ def load_sweep(path: str | Path) -> tuple[list[Any], Path]:
     try:
         spec = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: not a readable YAML sweep file ({exc})") from exc
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        reason = getattr(exc, "problem", None) or getattr(exc, "strerror", None) or exc
+        raise ValueError(f"{path}: not a readable YAML sweep file{where}: {reason}") from exc
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: expected a mapping with {', '.join(GRID_KEYS)}")
     missing = [k for k in GRID_KEYS if k not in spec]
@@ -111,8 +115,12 @@ def load_sweep(path: str | Path) -> tuple[list[Any], Path]:
             config.resolved() if hasattr(config, "resolved") else config.validate()
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
-    for name, root in dict.fromkeys((c.dataset, c.root) for c in configs):  # and on a bad data root
-        load_dataset(name, root, "test")
+    checked = set()
+    for config in configs:  # and on a bad data root (each distinct data set-up read once)
+        key = (config.dataset, config.root, config.test_fraction, config.needs_train)
+        if key not in checked:
+            checked.add(key)
+            config.load_splits()
     return configs, Path(spec.get("out", "runs"))
 
 

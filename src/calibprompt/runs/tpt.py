@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibprompt import losses
-from calibprompt.data import DataError, FeatureStore, load_dataset, validation_split
+from calibprompt.data import DataError, FeatureStore, validation_split
 from calibprompt.files import atomic_path, slug, write_json
 from calibprompt.methods import (
     tpt as tpt_method,  # tpt_method.tpt_adapt: one name for tests to patch
@@ -46,6 +46,8 @@ from calibprompt.runs.common import (
     dataset_fingerprint,
     device_kind,
     option,
+    test_split_record,
+    unreadable_hint,
 )
 from calibprompt.runs.directory import RunDirectory, write_npz
 from calibprompt.runs.identity import RunIdentity, run_name
@@ -83,7 +85,7 @@ PART_IMAGES = 64
 #: Fields that do not change a run's result (``protocol`` only supplies defaults, which are
 #: resolved into the other fields).
 NON_EFFECTIVE = ("root", "weights", "device", "cache", "workers", "batch_size", "progress", "protocol",
-                 "precision", "init_prompt", "n_bins")
+                 "precision", "init_prompt", "n_bins", "skip_unreadable", "test_fraction")
 
 #: Fields of the adaptation step, which zero-shot does not take (not part of its identity).
 ADAPTATION_FIELDS = ("lam", "delta", "selection", "steps", "lr", "weight_decay", "views", "augmix", "reselect")
@@ -128,9 +130,15 @@ class TPTRunConfig(RunConfigBase):
                                                   "(for temperature scaling)", metavar="N", default_text="none")
     batch_size: int = option(16, help="images adapted at once")
 
+    @property
+    def needs_train(self) -> bool:
+        """Only a run with a validation split (``val_per_class``) reads the train split."""
+        return bool(self.val_per_class)
+
     def resolved(self) -> TPTRunConfig:
         """Every ``None`` filled from the protocol and the method; validated."""
         self.check_types()
+        self.check_base_options()
         device_kind(self.device)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol: expected one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
@@ -174,18 +182,14 @@ class TPTRunConfig(RunConfigBase):
         """The resolved fields that determine the result (call on :meth:`resolved`); ``n_bins``
         measures the result and is not part of it."""
         skip = (*NON_EFFECTIVE, *(ADAPTATION_FIELDS if self.method == "zeroshot" else ()))
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        return {**{k: v for k, v in asdict(self).items() if k not in skip}, **self.data_effective()}
 
     # -- the run -----------------------------------------------------------------------------
     def plan(self) -> Plan:
         """Validate everything, load the data and backbone, identify the run (no writes)."""
         config = self.resolved()
         kind = device_kind(config.device)
-        test = load_dataset(config.dataset, config.root, "test")
-        train = load_dataset(config.dataset, config.root, "train") if config.val_per_class else None
-        if train is not None and list(train.classnames) != list(test.classnames):
-            raise DataError(f"{config.root}: train classes {list(train.classnames)} differ from test classes "
-                            f"{list(test.classnames)}")
+        train, test = config.load_splits()
         if train is not None and config.val_per_class > train.class_counts().min():
             raise DataError(f"--val-per-class {config.val_per_class}: {config.dataset}/train has only "
                             f"{train.class_counts().min()} image(s) in its smallest class")
@@ -208,7 +212,7 @@ class TPTRunConfig(RunConfigBase):
             name = f"coop{prompt_digest[:6]}-{name}"
         path = Path(slug(config.dataset)) / slug(config.backbone) / f"tpt-{config.method}" / name
         record = {"tpt": config.tpt_config().to_dict(), "protocol": config.protocol,
-                  "init_prompt_digest": prompt_digest}
+                  "init_prompt_digest": prompt_digest, **test_split_record(config, train, test)}
 
         def work(directory: RunDirectory) -> Outputs:
             return _work(config, directory, backbone, store, learner, test, train)
@@ -342,6 +346,7 @@ def _work(config: TPTRunConfig, directory: RunDirectory, backbone: Any, store: F
     def run_split(name: str, dataset: Any) -> tuple[np.ndarray, Any, float, int]:
         paths = dataset.paths
         views = store.views(backbone, paths, _views(config), kind="test_time", **kw)
+        config.check_readable(views.excluded, f"the {name} split ({dataset.root})")
         tables.update(views.tables)
         done = _done_parts(parts, name)
 
@@ -355,9 +360,14 @@ def _work(config: TPTRunConfig, directory: RunDirectory, backbone: Any, store: F
 
     tables: set[str] = set()
     val_out: dict[str, Any] = {}
+    excluded_train: list[list[str]] = []
     if train is not None:
-        val = validation_split(train, per_class=config.val_per_class, seed=config.seed,
-                               manifest_path=directory.path("splits/validation.json")).subset_of(train)
+        with unreadable_hint():
+            manifest = validation_split(train, per_class=config.val_per_class, seed=config.seed,
+                                        strict=not config.skip_unreadable,
+                                        manifest_path=directory.path("splits/validation.json"))
+        val = manifest.subset_of(train)
+        excluded_train = [[e["file"], e["reason"]] for e in manifest.excluded]
         val_logits, val_views, _, _ = run_split("val", val)
         val_out = {"val_logits": val_logits, "val_labels": val.labels[val_views.index],
                    "val_files": [val.files[i] for i in val_views.index]}
@@ -370,4 +380,4 @@ def _work(config: TPTRunConfig, directory: RunDirectory, backbone: Any, store: F
         test_files=[test.files[i] for i in views.index], excluded=list(views.excluded), **val_out,
         extra={"adapted_images": adapted,
                "images_per_second": adapted / seconds if adapted and seconds > 0 else None,
-               "test_images": len(views.index)})
+               "test_images": len(views.index), "excluded_train_images": excluded_train})

@@ -134,6 +134,7 @@ class _Run:
     labels: np.ndarray
     files: np.ndarray
     temperature: float | None
+    held_out: dict[str, Any] | None = None  # config.json's test_split: a test set held out of the data
     _probs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def variants(self) -> list[str]:
@@ -209,7 +210,8 @@ def _load_run(directory: Path) -> _Run:
                 method=method, backbone=backbone, dataset=dataset, kind=kind,
                 classnames=[str(c) for c in classnames], flat=_flatten(identity),
                 data_root=str(root) if root is not None else None, logits=logits,
-                labels=labels.astype(np.int64), files=files.astype(str), temperature=temperature)
+                labels=labels.astype(np.int64), files=files.astype(str), temperature=temperature,
+                held_out=record["test_split"] if isinstance(record.get("test_split"), dict) else None)
 
 
 def _flatten(identity: Mapping[str, Any]) -> dict[str, Any]:

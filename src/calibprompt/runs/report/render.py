@@ -203,6 +203,8 @@ def _header_lines(s: _Summary, n_resamples: int, n_bins: int, baseline: str | No
         lines.append(f"- **{backbone} / {dataset}: rows on {count} different test sets** "
                      f"(n = {', '.join(map(str, sizes))}): compare only rows with equal `n` and data "
                      "columns (a run limited to part of the test split has fewer images).")
+    for sentence in s.held_out:
+        lines.append(f"- **Held-out test set:** {sentence}; not a separate test split.")
     if s.by_method:
         lines.append(f"- Method settings that the method name determines: {_keys(s.by_method)}.")
     if s.across:

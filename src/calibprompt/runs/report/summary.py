@@ -40,6 +40,7 @@ class _Summary:
     notes: list[str]
     partial: list[tuple[str, int, list[str]]] = field(default_factory=list)
     test_sets: list[tuple[str, str, list[int], int]] = field(default_factory=list)
+    held_out: list[str] = field(default_factory=list)
 
 
 def _check_positive(name: str, value: Any) -> int:
@@ -89,4 +90,16 @@ def _summary(root: str | os.PathLike[str], n_resamples: int, n_bins: int, baseli
     notes = [f"{r.backbone} / {r.dataset} / {r.method} ({r.experiment_id[:8]}): {n}"
              for r in rows for n in r.notes]
     return _Summary(base, rows, groups, sum(len(g.runs) for g in groups), skipped, columns, by_method,
-                    across, notes, _partial_keys(groups, columns), _test_sets(groups))
+                    across, notes, _partial_keys(groups, columns), _test_sets(groups), _held_out(groups))
+
+
+def _held_out(groups: list[_Group]) -> list[str]:
+    """One sentence per data set-up whose test set was held out of a folder without a split."""
+    seen: dict[tuple, str] = {}
+    for run in (r for g in groups for r in g.runs if r.held_out):
+        h = run.held_out
+        key = (run.dataset, run.data_root, h.get("held_out_fraction"))
+        seen.setdefault(key, f"{run.dataset} (`{run.data_root}`): {100 * float(h.get('held_out_fraction', 0)):g}% "
+                             f"of each class held out as the test set ({h.get('images')} of {h.get('of')} images, "
+                             f"split seed {h.get('seed')}, the same for every seed and method)")
+    return list(seen.values())
