@@ -16,8 +16,15 @@ import numpy as np
 import torch
 
 from calibprompt import __version__
-from calibprompt.backbones import load_backbone
-from calibprompt.data import DataError, Dataset, FeatureStore, load_dataset, load_train_test
+from calibprompt.backbones import list_backbones, load_backbone
+from calibprompt.data import (
+    DataError,
+    Dataset,
+    FeatureStore,
+    list_datasets,
+    load_dataset,
+    load_train_test,
+)
 from calibprompt.data.splits import HOLDOUT_SEED
 from calibprompt.runs.directory import RunDirectory
 from calibprompt.runs.identity import RunIdentity, data_fingerprint
@@ -52,8 +59,8 @@ class RunConfigBase:
 
     kind: ClassVar[str] = ""
 
-    backbone: str = option(help="plip, quiltnet, biomedclip, medclip, clip:<open_clip architecture>, demo")
-    dataset: str = option(help="covid, rsna18, kather, pannuke, digestpath, demo, imagefolder, csv")
+    backbone: str = option(help=", ".join(list_backbones()))
+    dataset: str = option(help=", ".join(list_datasets()))
     root: str = option(help="dataset root (ROOT or ROOT/<dataset dir>; for csv, the CSV file)")
     test_fraction: float | None = option(
         None, help="hold out this fraction of each class of a folder or CSV without its own train/test split as "
