@@ -29,6 +29,7 @@ EXAMPLES = {
   calibprompt report runs/
   calibprompt report runs/ --out reports/ --bootstrap 1000
   calibprompt report runs/ --baseline ce --n-bins 10
+  calibprompt report runs/paper_main --published      # the paper's numbers beside yours
 
 Runs are averaged only when they differ in their seed alone; rows name the settings that vary.""",
     "evaluate": """examples:
@@ -56,7 +57,7 @@ Test-time (tpt) runs have validation logits only when run with --val-per-class N
 def cmd_report(args: argparse.Namespace) -> int:
     out_dir(args.out or args.runs, "--out" if args.out else "RUNS")
     written = write_report(args.runs, out=args.out, n_resamples=args.bootstrap, n_bins=args.n_bins,
-                           baseline=args.baseline)
+                           baseline=args.baseline, published=args.published)
     console = Console()
     console.print(written["markdown"].read_text())
     figures = [k for k in written if k.startswith("reliability_")]
@@ -143,6 +144,10 @@ def register(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
                    help=help_with_default("bins of every number in the report", default_of(write_report, "n_bins")))
     p.add_argument("--baseline", metavar="METHOD",
                    help="add each row's difference to this method (paired bootstrap over the same test set and seeds)")
+    p.add_argument("--published", action="store_true",
+                   help="put the published values (CalibPrompt paper, 8 shots: ECE of CE and CalibPrompt per backbone "
+                        "and dataset) beside rows run with the published setting, marked as published; also "
+                        "report_published.csv")
     p.set_defaults(func=cmd_report)
 
     p = add("evaluate", "recompute a run's test metrics (e.g. other bins), or evaluate it on another dataset",

@@ -53,7 +53,15 @@ from calibprompt.runs.report.constants import (
     METRICS,
     VARIANTS,
 )
-from calibprompt.runs.report.render import _csv_main, _csv_per_class, _latex, _markdown
+from calibprompt.runs.report.published import published_lines
+from calibprompt.runs.report.render import (
+    _csv_main,
+    _csv_per_class,
+    _latex,
+    _markdown,
+    _published_csv,
+    _published_markdown,
+)
 from calibprompt.runs.report.rows import Row
 from calibprompt.runs.report.stats import (
     _stream_seed as _stream_seed,  # private; the tests derive the resample seeds with it
@@ -103,7 +111,7 @@ def summarize(root: str | os.PathLike[str], n_resamples: int = 1000, n_bins: int
 def build_report(root: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
                  n_resamples: int = 1000, n_bins: int = 15, baseline: str | None = None,
                  seed: int = 0, *, runs: Iterable[str | os.PathLike[str]] | None = None,
-                 ) -> tuple[list[Row], dict[str, Path]]:
+                 published: bool = False) -> tuple[list[Row], dict[str, Path]]:
     """Write the report of the runs below ``root`` into ``out`` (default ``root``; created) and
     return its rows (as :func:`summarize` returns them) and the written files (as
     :func:`write_report` returns them): the report is computed once."""
@@ -111,12 +119,18 @@ def build_report(root: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     n_resamples, n_bins = int(n_resamples), int(n_bins)
     target = Path(out) if out is not None else Path(root)
     target.mkdir(parents=True, exist_ok=True)
+    markdown = _markdown(summary, n_resamples, n_bins, baseline, int(seed))
+    beside = published_lines(summary.rows, summary.groups) if published else None
+    if beside is not None:
+        markdown += _published_markdown(beside, n_bins)
     written: dict[str, Path] = {
-        "markdown": write_text(target / "report.md", _markdown(summary, n_resamples, n_bins, baseline, int(seed))),
+        "markdown": write_text(target / "report.md", markdown),
         "csv": write_text(target / "report.csv", _csv_main(summary, n_resamples, n_bins, baseline)),
         "per_class_csv": write_text(target / "report_per_class.csv", _csv_per_class(summary, n_bins)),
         "latex": write_text(target / "report.tex", _latex(summary, n_resamples, n_bins, baseline)),
     }
+    if beside is not None:
+        written["published_csv"] = write_text(target / "report_published.csv", _published_csv(beside))
     for row, group in zip(summary.rows, summary.groups, strict=True):
         probs = np.concatenate([r.probs("uncalibrated") for r in group.runs])
         labels = np.concatenate([r.labels for r in group.runs])
@@ -133,7 +147,7 @@ def build_report(root: str | os.PathLike[str], out: str | os.PathLike[str] | Non
 def write_report(root: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
                  n_resamples: int = 1000, n_bins: int = 15, baseline: str | None = None,
                  seed: int = 0, *, runs: Iterable[str | os.PathLike[str]] | None = None,
-                 ) -> dict[str, Path]:
+                 published: bool = False) -> dict[str, Path]:
     """Write the report of the runs below ``root`` into ``out`` (default ``root``; created).
 
     Files: ``report.md`` (header: counts, n_bins, bootstrap method, varying keys, skipped runs;
@@ -155,5 +169,10 @@ def write_report(root: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     directories (see :func:`summarize`). Returns ``{"markdown", "csv", "per_class_csv", "latex",
     "reliability_<slug>"...}`` → path (the files of :func:`build_report`, which also returns the
     rows). Deterministic: an unchanged rerun writes identical bytes.
+
+    With ``published``, rows run with a published setting (:mod:`.published`: the protocol's
+    defaults at the published shots) get the published value beside the measured seed mean, in a
+    section of ``report.md`` and in ``report_published.csv`` (``"published_csv"``), each with its
+    source; rows without a counterpart are listed as such.
     """
-    return build_report(root, out, n_resamples, n_bins, baseline, seed, runs=runs)[1]
+    return build_report(root, out, n_resamples, n_bins, baseline, seed, runs=runs, published=published)[1]

@@ -404,3 +404,29 @@ def _latex(s: _Summary, n_resamples: int, n_bins: int, baseline: str | None) -> 
     lines += _latex_table(class_caption, "tab:calibprompt-report-per-class", class_spec, class_header,
                           class_body)
     return "\n".join(lines) + "\n"
+
+
+_PUBLISHED_COLUMNS = ["backbone", "dataset", "method", "metric", "measured_mean", "measured_std", "seeds",
+                      "published", "source"]
+
+
+def _published_markdown(lines: list[dict[str, Any]], n_bins: int) -> str:
+    """The section of report.md with published values beside the measured ones."""
+    out = ["", "## Beside the published values", ""]
+    if not lines:
+        out.append("No row was run with a published setting (the published protocol's defaults at the published "
+                   "shots on a published backbone and dataset), so there is nothing to put beside.")
+        return "\n".join(out) + "\n"
+    out.append(f"Measured: mean ± std over seeds, uncalibrated, ECE with {n_bins} bins (the published ECE's bins "
+               "are not stated). **Published** values are copied from the source named in each row, never "
+               "measured here.")
+    out.append("")
+    table = [(r["backbone"], r["dataset"], r["method"], r["metric"] + " %",
+              f"{r['measured_mean']:.2f} ± {r['measured_std']:.2f} ({r['seeds']} seeds)",
+              f"{r['published']:.2f} (published)", r["source"]) for r in lines]
+    out += _md_table(["backbone", "dataset", "method", "metric", "measured", "published", "source"], table)
+    return "\n".join(out) + "\n"
+
+
+def _published_csv(lines: list[dict[str, Any]]) -> str:
+    return _csv(_PUBLISHED_COLUMNS, ([r[k] for k in _PUBLISHED_COLUMNS] for r in lines))
