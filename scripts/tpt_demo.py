@@ -11,7 +11,7 @@
 Writes ``docs/results/tpt_demo.json`` (configuration, the whole sweep, per-seed rows and the
 summary) and prints the Markdown table that README.md and docs/tpt.md show.
 
-Run: ``python scripts/tpt_demo.py`` (15-20 minutes on 2 CPU cores with a cold feature cache).
+Run: ``python scripts/tpt_demo.py`` (about 8 minutes on 2 CPU cores with a cold feature cache).
 """
 
 from __future__ import annotations

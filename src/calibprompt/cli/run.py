@@ -37,7 +37,7 @@ A finished run is skipped (--force redoes it); an interrupted one resumes.""",
 Default protocol (the published TPT protocol, --protocol published): 64 views (original + 63
 RandomResizedCrop + flip + AugMix), 4 context vectors from "a photo of a", the 10% lowest-entropy
 views, one AdamW step (lr 5e-3), fp16 autocast on CUDA, ECE with 20 bins. Regulariser weights:
-C-TPT 50, O-TPT 18, SoC 1 with Huber delta 0.1 (SoC publishes none; chosen on the demo's
+C-TPT 50, O-TPT 18, SoC 50 with Huber delta 0.3 (SoC publishes none; chosen on the demo's
 train split). Every method run with the same --seed sees the same cached
 views; each method writes its own run directory, a finished one is skipped (--force), an
 interrupted one resumes. --val-per-class N also adapts a validation split (for calibrate).""",

@@ -1,5 +1,6 @@
 """The end-to-end demo on the embedded model: zero-shot, CE prompt tuning and CalibPrompt, each
-with and without temperature scaling, over several seeds (``calibprompt demo``).
+with and without temperature scaling, over several seeds (``calibprompt demo``); with ``full``,
+every objective preset and the TPT family too (``calibprompt demo --full``).
 
 It is an ordinary sweep through the run machinery: generate the demo dataset in the BAPLe layout
 -> one run per (method, seed) with :func:`calibprompt.runs.execute_run` (features encoded once
@@ -20,12 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from calibprompt.demo.tissue import write_demo_dataset
-from calibprompt.runs import PromptRunConfig, build_report, execute_run
+from calibprompt.objective import PRESETS
+from calibprompt.runs import PromptRunConfig, TPTRunConfig, build_report, execute_run
 
 __all__ = ["DEMO_METHODS", "DemoReport", "run_demo"]
 
 #: method -> display name
 DEMO_METHODS: dict[str, str] = {"zeroshot": "zero-shot", "ce": "CE prompt tuning", "calibprompt": "CalibPrompt"}
+#: ``--full``: every objective preset, and the TPT family (display names "test-time <method>").
+FULL_METHODS: dict[str, str] = {**DEMO_METHODS, **{m: m for m in PRESETS if m not in DEMO_METHODS}}
+TPT_METHODS = ("zeroshot", "tpt", "ctpt", "otpt", "soc")
 
 
 @dataclass
@@ -39,8 +44,11 @@ class DemoReport:
 
 def run_demo(
     out_dir: str | Path, seeds: Sequence[int] = (1, 2, 3), shots: int = 8, views: int = 8,
-    epochs: int = 50, n_bins: int = 15, progress: bool = True, n_resamples: int = 1000,
+    epochs: int = 50, n_bins: int = 15, progress: bool = True, n_resamples: int = 1000, full: bool = False,
 ) -> DemoReport:
+    """Generate the demo data (``OUT/data``), run every (method, seed) and write the report. Rows in
+    display order: :data:`DEMO_METHODS` (``full``: :data:`FULL_METHODS`, then the TPT family of
+    :data:`TPT_METHODS` with the published TPT protocol, 20-bin ECE in its runs' own metrics)."""
     start = time.perf_counter()
     out = Path(out_dir)
     data_root = out / "data"
@@ -49,12 +57,16 @@ def run_demo(
     configs = [PromptRunConfig(backbone="demo", dataset="demo", root=str(data_root), method=method, shots=shots,
                                seed=seed, views=views, epochs=epochs, n_bins=n_bins, cache=str(out / "cache"),
                                workers=0, progress=progress)
-               for seed in seeds for method in DEMO_METHODS]
+               for seed in seeds for method in (FULL_METHODS if full else DEMO_METHODS)]
+    if full:
+        configs += [TPTRunConfig(backbone="demo", dataset="demo", root=str(data_root), method=method, seed=seed,
+                                 cache=str(out / "cache"), workers=0, progress=progress)
+                    for seed in seeds for method in TPT_METHODS]
     for config in configs:  # every seed and option checked before the first run
-        config.validate()
+        config.resolved() if isinstance(config, TPTRunConfig) else config.validate()
     runs = [execute_run(config, out / "runs").directory for config in configs]
     rows, written = build_report(out / "runs", out=out, runs=runs, n_bins=n_bins, n_resamples=n_resamples)
-    order = list(DEMO_METHODS)
+    order = [*FULL_METHODS, *(f"tpt-{m}" for m in TPT_METHODS)]
     rows = sorted(rows, key=lambda r: order.index(r.method))
     n_test = json.loads((runs[0] / "metrics.json").read_text())["uncalibrated"]["n_samples"]
     return DemoReport(rows, out, time.perf_counter() - start, written, n_test)

@@ -67,7 +67,7 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "ctpt": {"lam": 50.0},
     "otpt": {"lam": 18.0},
     "otpt_fro": {"lam": 18.0},
-    "soc": {"lam": 1.0, "delta": losses.SOC_DELTA},
+    "soc": {"lam": 50.0, "delta": losses.SOC_DELTA},
 }
 
 #: Protocols: ``published`` is the TPT papers' protocol on fine-grained datasets (AugMix views);

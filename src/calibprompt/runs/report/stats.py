@@ -81,6 +81,8 @@ _METRIC_FUNCTIONS: dict[str, Callable[..., float]] = {
     "ace": ace,
     "brier": lambda p, y, b: brier(p, y),
     "nll": lambda p, y, b: nll(p, y),
+    # not a table column: its position relative to accuracy says over- or underconfident
+    "mean_confidence": lambda p, y, b: float(np.max(p, axis=1).mean()),
 }
 
 
