@@ -215,6 +215,9 @@ class Plan:
     work: Callable[[RunDirectory], Outputs]
     record: dict[str, Any] = field(default_factory=dict)  # extra entries of config.json
     method: str = ""  # display name in reports (default: the config's method)
+    #: files a finished run must hold to be reused (e.g. weights asked for by a later call);
+    #: a finished run without them is redone
+    required_files: tuple[str, ...] = ()
 
 
 _BACKBONES: dict[tuple, Any] = {}

@@ -87,7 +87,7 @@ def plan_record(plan: Plan) -> dict[str, Any]:
         "seed": identity.config["seed"], "classnames": plan.classnames,
         "run_id": identity.run_id, "experiment_id": identity.experiment_id,
         "identity": identity.to_dict(), "config": plan.config, "versions": package_versions(),
-        "metric_convention": BINNING_CONVENTION, **plan.record,
+        "metric_convention": BINNING_CONVENTION, "regime": "prompt", **plan.record,
     }
 
 
@@ -115,6 +115,8 @@ def execute_run(config: Any, out: str | Path, force: bool = False) -> RunResult:
     same identity is skipped unless ``force``; an interrupted one resumes from its checkpoint."""
     plan: Plan = config.plan()
     directory = RunDirectory(Path(out) / plan.path)
+    if directory.finished and not force and not all((directory.final / f).is_file() for f in plan.required_files):
+        force = True  # finished without a file asked for now (e.g. --save-weights): redo it, then swap
     if directory.finished and not force:
         if read_record(directory.final).get("run_id") != plan.identity.run_id:
             raise ValueError(f"{directory.final}: holds another run whose id starts with the same digits; "

@@ -33,6 +33,7 @@ from calibprompt.metrics._validation import MAX_BINS
 from calibprompt.objective import PRESETS, Objective
 from calibprompt.progress import rate_progress
 from calibprompt.prompts import POSITIONS, PromptLearner, check_distinct_prompts
+from calibprompt.runs import finetune as finetune_run  # finetune_run.work_full: patchable in tests
 from calibprompt.runs.common import (
     Outputs,
     Plan,
@@ -51,13 +52,21 @@ __all__ = ["PROTOCOL_VERSION", "PromptRunConfig", "RunConfig"]
 
 #: Bumped when the prompt-tuning or zero-shot procedure changes its results.
 PROTOCOL_VERSION = 1
+#: Bumped when the full fine-tuning procedure changes its results (part of full runs' identity).
+FINETUNE_PROTOCOL_VERSION = 1
 
 #: The warm-up learning rate of MedCLIP in the published framework (others: TrainConfig's).
 MEDCLIP_WARMUP_LR = 1e-3
 
-#: Fields that only apply to prompt tuning (not part of a zero-shot run's identity or name).
+#: Fields that only apply to training (not part of a zero-shot run's identity or name).
 TRAINING_FIELDS = ("shots", "n_ctx", "init", "position", "class_specific", "views", "epochs",
                    "batch_size", "lr", "warmup_lr", "alpha", "weight")
+#: Fields of the prompt (context) that full fine-tuning does not have.
+PROMPT_FIELDS = ("n_ctx", "init", "position", "class_specific", "views")
+#: The training regimes: prompt tuning (a learned context, frozen towers) and full fine-tuning.
+REGIMES = ("prompt", "full")
+#: The full regime's learning rate (the paper's); prompt tuning's is TrainConfig's.
+FULL_LR = 2e-7
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,8 @@ class PromptRunConfig(RunConfigBase):
 
     method: str = option("calibprompt", help="objective preset (ce, ls, focal, mdca, dca, mmce, mbls, logitnorm, "
                                              "zsnorm, penalty, smac, calibprompt), an objective expression, or zeroshot")
+    regime: str = option("prompt", help="prompt: tune a context, towers frozen; full: fine-tune every weight of both "
+                                        "towers on the dataset template's class prompts", choices=REGIMES)
     shots: int = option(8, help="labelled images per class")
     n_ctx: int = option(16, help="context vectors")
     init: str = option("random", help="context initialisation", choices=("random", "words"))
@@ -86,9 +97,15 @@ class PromptRunConfig(RunConfigBase):
     views: int = option(50, help="cached augmented views per training image")
     epochs: int = option(TrainConfig.epochs, help="training epochs")
     batch_size: int = option(TrainConfig.batch_size, help="training batch size")
-    lr: float = option(TrainConfig.lr, help="SGD learning rate")
-    warmup_lr: float | None = option(None, help="learning rate of the warm-up epoch",
-                                     default_text=f"{MEDCLIP_WARMUP_LR:g} for MedCLIP, else {TrainConfig.warmup_lr:g}")
+    lr: float | None = option(None, help="SGD learning rate",
+                              default_text=f"{TrainConfig.lr:g} (prompt regime), {FULL_LR:g} (full regime)")
+    warmup_lr: float | None = option(
+        None, help="learning rate of one constant warm-up epoch before the cosine schedule",
+        default_text=f"prompt regime: {MEDCLIP_WARMUP_LR:g} for MedCLIP, else {TrainConfig.warmup_lr:g}; full regime: "
+                     "no warm-up epoch (a value adds one)")
+    train_logit_scale: bool = option(False, help="full regime: train the logit scale too (frozen by default)")
+    save_weights: bool = option(False, help="full regime: save the fine-tuned weights as weights.safetensors (the "
+                                            "size of the model; needed to apply the run to new images)")
     n_bins: int = option(15, help="bins of ECE/MCE/ACE in metrics.json")
     val_per_class: int | None = option(None, help="validation images per class for temperature scaling",
                                        default_text="max(4, 64 / classes), at most what is left")
@@ -101,11 +118,22 @@ class PromptRunConfig(RunConfigBase):
     def zero_shot(self) -> bool:
         return self.method == "zeroshot"
 
+    @property
+    def full(self) -> bool:
+        return self.regime == "full" and not self.zero_shot
+
     def train_config(self) -> TrainConfig:
-        default = MEDCLIP_WARMUP_LR if self.backbone == "medclip" else TrainConfig.warmup_lr
-        warmup = self.warmup_lr if self.warmup_lr is not None else default
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, warmup_lr=warmup,
-                           seed=self.seed)
+        """The training hyperparameters with the regime's defaults resolved: prompt tuning warms up
+        for one epoch at 1e-5 (MedCLIP 1e-3) unless told otherwise; full fine-tuning trains at
+        2e-7 without a warm-up epoch unless ``warmup_lr`` asks for one."""
+        lr = self.lr if self.lr is not None else (FULL_LR if self.full else TrainConfig.lr)
+        if self.full:
+            warmup_epochs, warmup = (0, 0.0) if self.warmup_lr is None else (1, self.warmup_lr)
+        else:
+            default = MEDCLIP_WARMUP_LR if self.backbone == "medclip" else TrainConfig.warmup_lr
+            warmup_epochs, warmup = 1, (self.warmup_lr if self.warmup_lr is not None else default)
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=lr, warmup_lr=warmup,
+                           warmup_epochs=warmup_epochs, seed=self.seed)
 
     def objective(self):
         """The resolved objective (``None`` for zero-shot); errors name the bad option."""
@@ -139,7 +167,11 @@ class PromptRunConfig(RunConfigBase):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if not self.lr >= 0:  # 0 is a valid (frozen) control
+        if self.regime not in REGIMES:
+            raise ValueError(f"regime: expected one of {', '.join(REGIMES)}, got {self.regime!r}")
+        if self.regime != "full" and (self.train_logit_scale or self.save_weights):
+            raise ValueError("--train-logit-scale/--save-weights apply to --regime full only")
+        if self.lr is not None and not self.lr >= 0:  # 0 is a valid (frozen) control
             raise ValueError(f"lr: expected a non-negative learning rate, got {self.lr!r}")
         if self.warmup_lr is not None and not self.warmup_lr >= 0:
             raise ValueError(f"warmup_lr: expected a non-negative learning rate, got {self.warmup_lr!r}")
@@ -160,10 +192,14 @@ class PromptRunConfig(RunConfigBase):
                 "val_per_class": val_per_class or self.val_per_class, **self.data_effective()}
         if not self.zero_shot:
             train = self.train_config()
-            data.update({k: getattr(self, k) for k in TRAINING_FIELDS if k not in ("alpha", "weight")})
-            data.update(warmup_lr=train.warmup_lr, momentum=train.momentum, weight_decay=train.weight_decay,
-                        warmup_epochs=train.warmup_epochs)
+            skip = ("alpha", "weight", *(PROMPT_FIELDS if self.full else ()))
+            data.update({k: getattr(self, k) for k in TRAINING_FIELDS if k not in skip})
+            data.update(lr=train.lr, warmup_lr=train.warmup_lr, momentum=train.momentum,
+                        weight_decay=train.weight_decay, warmup_epochs=train.warmup_epochs)
             data["objective"] = str(objective if objective is not None else self.objective())
+            if self.full:  # prompt runs keep the identities they had before the full regime existed
+                data.update(regime="full", train_logit_scale=self.train_logit_scale,
+                            finetune_protocol=FINETUNE_PROTOCOL_VERSION)
         return data
 
     # -- the run -----------------------------------------------------------------------------
@@ -196,27 +232,32 @@ class PromptRunConfig(RunConfigBase):
             data={"train": dataset_fingerprint(train, store), "test": dataset_fingerprint(test, store)},
             backbone=backbone.fingerprint, protocol_version=PROTOCOL_VERSION,
             metrics_version=METRICS_VERSION, precision=self.precision, device_kind=kind)
-        defaults = PromptRunConfig(self.backbone, self.dataset, self.root, method=self.method).effective(
-            objective, default_val)
+        defaults = PromptRunConfig(self.backbone, self.dataset, self.root, method=self.method,
+                                   regime=self.regime).effective(objective, default_val)
         head = [f"seed{self.seed}"] if self.zero_shot else [f"{self.shots}shot", f"seed{self.seed}"]
         head += [f"{k}{v:g}" for k, v in (("alpha", self.alpha), ("weight", self.weight)) if v is not None]
         name = run_name(head, effective, defaults, identity.run_id,
                         skip=("method", "backbone", "dataset", "seed", "shots", "objective"))
-        method_dir = slug(self.method, limit=40)
-        path = Path(slug(self.dataset)) / slug(self.backbone) / method_dir / name
-        record = {"objective": None if objective is None else objective.to_dict(), **test_split_record(self, train, test)}
+        method = f"full-{self.method}" if self.full else self.method  # how reports name the row
+        path = Path(slug(self.dataset)) / slug(self.backbone) / slug(method, limit=40) / name
+        record = {"objective": None if objective is None else objective.to_dict(),
+                  "regime": "full" if self.full else "prompt", **test_split_record(self, train, test)}
 
         def work(directory: RunDirectory) -> Outputs:
             return _work(self, directory, backbone, store, train, test, objective, val_per_class)
 
         return Plan(identity, path, asdict(self), list(train.classnames), self.n_bins,
-                    f"{self.backbone} / {self.dataset} / {self.method}, seed {self.seed}", work, record)
+                    f"{self.backbone} / {self.dataset} / {method}, seed {self.seed}", work, record,
+                    method=method, required_files=(finetune_run.WEIGHTS_FILE,) if self.save_weights else ())
 
     def predict_logits(self, directory: Path, backbone: Any, paths: list[Path], store: FeatureStore,
                        *, workers: int | None = None, progress: bool = True):
         """Logits of new images under the run's classifier (``classifier.safetensors``):
-        ``s · f(x) · Tᵀ`` with the run's class features T. Returns (logits, index, excluded)."""
+        ``s · f(x) · Tᵀ`` with the run's class features T -- for a full fine-tuning run with the
+        image tower of its saved weights. Returns (logits, index, excluded)."""
         tensors = load_file(str(Path(directory) / "classifier.safetensors"))
+        if self.full:
+            backbone = finetune_run.load_finetuned(backbone, directory)
         feats = store.features(backbone, paths, num_workers=workers, progress=progress)
         logits = zeroshot_logits(feats.features, tensors["text_features"], float(tensors["logit_scale"]))
         return logits.double().cpu().numpy(), feats.index, feats.excluded
@@ -237,6 +278,8 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
     with unreadable_hint():
         val = validation_split(train, exclude=shots, per_class=val_per_class, seed=config.seed,
                                strict=not config.skip_unreadable, manifest_path=directory.path("splits/validation.json"))
+    if config.full:
+        return finetune_run.work_full(config, directory, backbone, store, train, test, objective, shots, val)
     test_feats = store.features(backbone, test.paths, **kw)
     config.check_readable(test_feats.excluded, f"the test split ({test.root})")
     val_set = val.subset_of(train)

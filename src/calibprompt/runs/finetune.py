@@ -1,0 +1,149 @@
+"""The work of a full fine-tuning run (``train --regime full``): the prompt run's splits, then
+:func:`calibprompt.methods.finetune.finetune` on fresh augmented views of the few-shot images,
+checkpointed after every epoch (weights + momentum: resumable mid-training), then the test and
+validation splits encoded by the fine-tuned model.
+
+Files besides a prompt run's: ``weights.safetensors`` (the fine-tuned state dict, only with
+``save_weights``), ``finetune.json`` (frozen parameters, train mode, logit scale); the resume
+checkpoint is removed when the run completes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from calibprompt.data import FeatureStore
+from calibprompt.data.images import file_hash, open_image
+from calibprompt.data.views import train_view_transform, view_seed
+from calibprompt.files import atomic_path, write_json
+from calibprompt.methods.finetune import (
+    finetune,
+    logit_scale_names,
+    train_mode_record,
+    trainable_copy,
+)
+from calibprompt.methods.zeroshot import zeroshot_logits
+from calibprompt.progress import rate_progress
+from calibprompt.runs.common import Outputs
+from calibprompt.runs.directory import RunDirectory
+
+__all__ = ["WEIGHTS_FILE", "load_finetuned", "work_full"]
+
+#: The fine-tuned weights of a run made with ``save_weights`` (the name is fixed for scripts).
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class _Views:
+    """Preprocessed views of the few-shot images: view ``epoch`` of image i runs the training
+    augmentation under the torch seed of (image content, epoch, run seed)."""
+
+    def __init__(self, paths: list[Path], transform: Any, seed: int) -> None:
+        self.images = [open_image(p) for p in paths]
+        self.hashes = [file_hash(p) for p in paths]
+        self.transform, self.seed = transform, seed
+
+    def __call__(self, indices: list[int], epoch: int) -> torch.Tensor:
+        out = []
+        for i in indices:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(self.hashes[i], epoch, self.seed))
+                out.append(self.transform(self.images[i]))
+        return torch.stack(out)
+
+
+def load_finetuned(backbone: Any, directory: Path) -> Any:
+    """The run's fine-tuned model: ``backbone`` with the run's ``weights.safetensors`` (strict)."""
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ValueError(f"{directory}: this full fine-tuning run did not save its weights (run it with "
+                         "--save-weights), so it cannot classify new images")
+    model = trainable_copy(backbone)
+    model.model.load_state_dict(load_file(str(path)), strict=True)
+    model.model.eval()
+    for p in model.model.parameters():
+        p.requires_grad_(False)
+    model.__dict__.pop("fingerprint", None)
+    return model
+
+
+def work_full(config: Any, directory: RunDirectory, backbone: Any, store: FeatureStore, train: Any, test: Any,
+              objective: Any, shots: Any, val: Any) -> Outputs:
+    """Fine-tune a copy of ``backbone`` on the few-shot split ``shots`` and classify the test and
+    validation splits with it (the dataset template's class prompts as the head)."""
+    kw = {"num_workers": config.workers, "progress": config.progress}
+    train_config = config.train_config()
+    model = trainable_copy(backbone, config.train_logit_scale)
+    shot_set = shots.subset_of(train)
+    views = _Views(shot_set.paths, train_view_transform(backbone.image_transform()), config.seed)
+    labels = torch.as_tensor(shot_set.labels)
+    prompts = train.prompts()
+    needs_reference = "zs_logits" in objective.required_inputs
+    logs: list[dict[str, Any]] = []
+    start_epoch, optimizer_state = 0, None
+    checkpoint = directory.load_checkpoint()
+    if checkpoint is not None:
+        tensors, info = checkpoint
+        params = dict(model.model.named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if name.startswith("model."):
+                    params[name[len("model."):]].copy_(value)
+        momentum = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("momentum.")}
+        optimizer_state = {"state": {i: {"momentum_buffer": m} for i, m in momentum.items()},
+                           "param_groups": info["param_groups"]}
+        start_epoch, logs = info["epoch"] + 1, info["logs"]
+
+    def on_epoch(log: Any, optimizer: torch.optim.Optimizer) -> None:
+        logs.append(asdict(log))
+        state = optimizer.state_dict()
+        tensors = {f"model.{n}": p for n, p in model.model.named_parameters() if p.requires_grad}
+        tensors.update({f"momentum.{i}": s["momentum_buffer"] for i, s in state["state"].items()
+                        if s.get("momentum_buffer") is not None})
+        directory.save_checkpoint(tensors, {"epoch": log.epoch, "logs": logs, "param_groups": state["param_groups"]})
+        bar.update(task, advance=1, rate=f"{log.loss:.4f}")
+
+    with rate_progress(config.progress, rate_label="loss") as bar:  # one bar for the epochs
+        task = bar.add_task(f"fine-tuning {config.method}", total=config.epochs, completed=start_epoch, rate="-")
+        result = finetune(model, views, labels, prompts, objective, train_config,
+                          reference=backbone if needs_reference else None, on_epoch=on_epoch,
+                          start_epoch=start_epoch, optimizer_state=optimizer_state)
+    model.model.eval()
+    for p in model.model.parameters():
+        p.requires_grad_(False)
+    scales = logit_scale_names(model.model)
+    write_json(directory.path("finetune.json"), {
+        "frozen_off_path": result.frozen,
+        "logit_scale": {"parameters": scales, "trained": bool(config.train_logit_scale),
+                        "final": float(model.logit_scale)},
+        "trained_parameters": sum(p.numel() for n, p in model.model.named_parameters()
+                                  if n not in result.frozen and (config.train_logit_scale or n not in scales)),
+        **train_mode_record(model.model),
+    })
+    write_json(directory.path("log.json"), logs)
+    if config.save_weights:
+        with atomic_path(directory.path(WEIGHTS_FILE)) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}, str(tmp))
+    with torch.no_grad():
+        text = model.encode_texts(prompts).float().cpu().contiguous()
+    with atomic_path(directory.path("classifier.safetensors")) as tmp:
+        save_file({"text_features": text, "logit_scale": torch.tensor(float(model.logit_scale))}, str(tmp))
+    test_feats = store.features(model, test.paths, **kw)
+    config.check_readable(test_feats.excluded, f"the test split ({test.root})")
+    val_set = val.subset_of(train)
+    val_feats = store.features(model, val_set.paths, **kw)
+    write_json(directory.path("cache_tables.json"), sorted({*test_feats.tables, *val_feats.tables}))
+    test_logits = zeroshot_logits(test_feats.features, text, model.logit_scale).double().cpu().numpy()
+    val_logits = zeroshot_logits(val_feats.features, text, model.logit_scale).double().cpu().numpy()
+    return Outputs(
+        test_logits=test_logits, test_labels=test.labels[test_feats.index],
+        test_files=[test.files[i] for i in test_feats.index],
+        val_logits=val_logits, val_labels=val_set.labels[val_feats.index],
+        val_files=[val_set.files[i] for i in val_feats.index],
+        excluded=list(test_feats.excluded), logs=logs,
+        extra={"excluded_train_images": [[e["file"], e["reason"]] for m in (shots, val) for e in m.excluded],
+               "frozen_off_path": len(result.frozen)})
