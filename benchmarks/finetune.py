@@ -33,7 +33,7 @@ import torch
 
 from benchmarks.common import write_result
 
-PROMPTS = ["An H&E image of {}.".format(n) for n in (
+PROMPTS = [f"An H&E image of {n}." for n in (
     "adipose tissue", "background", "debris", "lymphocytes", "mucus", "smooth muscle", "normal colon mucosa",
     "cancer-associated stroma", "colorectal adenocarcinoma epithelium")]
 ARCHITECTURES = {"vit_b32": "ViT-B/32 CLIP (PLIP / QuiltNet architecture)",
