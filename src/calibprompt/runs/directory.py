@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from calibprompt.files import atomic_path, write_json
@@ -99,17 +100,29 @@ class RunDirectory:
 
     # -- checkpoints (resumable work) ---------------------------------------------------------
     def save_checkpoint(self, tensors: dict[str, Any], info: dict[str, Any]) -> None:
-        """Tensors (safetensors) then their JSON sidecar, each atomically: the sidecar is the
-        commit point, so a kill between the two writes leaves the previous checkpoint valid."""
+        """One atomic safetensors file holding the tensors *and* ``info`` (in its metadata), so the
+        two always belong together whenever the process is killed; ``checkpoint.json`` repeats
+        ``info`` for people to read."""
         with atomic_path(self.path("checkpoint.safetensors")) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={"info": json.dumps(info)})
         write_json(self.path("checkpoint.json"), info)
 
     def load_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        info, tensors = self.path("checkpoint.json"), self.path("checkpoint.safetensors")
-        if not (info.is_file() and tensors.is_file()):
+        """(tensors, info) of the last checkpoint, or None; ``info`` comes from the tensors' own
+        file (the JSON copy may lag behind it by one write)."""
+        tensors = self.path("checkpoint.safetensors")
+        if not tensors.is_file():
             return None
-        return load_file(str(tensors)), json.loads(info.read_text())
+        with safe_open(str(tensors), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "info" in meta:
+            info = json.loads(meta["info"])
+        elif self.path("checkpoint.json").is_file():  # written by an earlier version
+            info = json.loads(self.path("checkpoint.json").read_text())
+        else:
+            return None
+        return load_file(str(tensors)), info
 
     # -- completion ----------------------------------------------------------------------------
     def finish(self, metrics: dict[str, Any]) -> Path:
