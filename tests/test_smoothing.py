@@ -127,3 +127,31 @@ def test_medclip_noise_is_drawn_on_its_one_grey_channel():
     pixels = split.to_pixels(image)
     assert pixels.shape == (1, 32, 32)  # the grey image: noise goes on one channel
     assert torch.allclose(split.normalize(pixels), transform(image)) and transform(image).shape == (3, 32, 32)
+
+
+def test_certifying_an_image_of_the_demo_model_does_not_depend_on_the_batch_size(tmp_path):
+    from calibprompt.backbones import load_backbone
+    from calibprompt.data import load_dataset
+    from calibprompt.data.images import file_hash, open_image
+    from calibprompt.demo.tissue import write_demo_dataset
+    from calibprompt.methods.smoothing import certify_image, prompted_classifier
+
+    backbone = load_backbone("demo")
+    write_demo_dataset(tmp_path, per_class={"test": 1})
+    test = load_dataset("demo", tmp_path, "test")
+    split = pixel_transform(backbone.image_transform())
+    classify = prompted_classifier(backbone, backbone.encode_texts(test.prompts()))
+    pixels = split.to_pixels(open_image(test.paths[0]))
+    kw = {"key": file_hash(test.paths[0]), "sigma": 0.25, "n0": 10, "n": 60, "alpha": 0.01, "seed": 3}
+    a = certify_image(classify, pixels, split.normalize, test.num_classes, batch_size=7, **kw)
+    b = certify_image(classify, pixels, split.normalize, test.num_classes, batch_size=60, **kw)
+    assert a.certificate == b.certificate and (a.counts == b.counts).all()
+    np.testing.assert_allclose(a.mean_probs, b.mean_probs, atol=1e-6)  # float32 encoder: batch rounding only
+    assert a.counts.sum() == 60 and a.mean_probs.sum() == pytest.approx(1.0)
+    # sigma -> 0 recovers the base classifier on the clean image, certified at every draw
+    clean = classify(split.normalize(pixels[None])).argmax(1).item()
+    tiny = certify_image(classify, pixels, split.normalize, test.num_classes, batch_size=60,
+                         **{**kw, "sigma": 1e-6})
+    assert tiny.certificate.prediction == clean and tiny.counts[clean] == 60
+    with pytest.raises(ValueError, match="n0"):
+        certify_image(classify, pixels, split.normalize, test.num_classes, **{**kw, "n0": 0})

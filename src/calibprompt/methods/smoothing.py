@@ -32,15 +32,18 @@ from scipy.stats import beta, binomtest, norm
 __all__ = [
     "ABSTAIN",
     "Certificate",
+    "ImageCertificate",
     "PixelTransform",
     "certified_accuracy",
     "certify",
+    "certify_image",
     "clopper_pearson_lower",
     "max_certifiable_radius",
     "noise",
     "noisy_counts",
     "pixel_transform",
     "predict",
+    "prompted_classifier",
 ]
 
 #: The prediction of an abstaining smoothed classifier.
@@ -176,3 +179,42 @@ def noisy_counts(classify: Callable[[torch.Tensor], torch.Tensor], pixels: torch
         counts += np.bincount(logits.argmax(1).numpy(), minlength=num_classes)
         prob_sum += torch.softmax(logits, dim=1).sum(0)
     return counts, prob_sum
+
+
+@dataclass(frozen=True)
+class ImageCertificate:
+    """One image at one σ: CERTIFY's result, the estimation draws' class counts and their mean
+    softmax (the smoothed probabilities p̄(x) that calibration is measured on)."""
+
+    certificate: Certificate
+    counts: np.ndarray
+    mean_probs: np.ndarray
+
+
+def certify_image(classify: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, normalize: Callable,
+                  num_classes: int, *, key: str, sigma: float, n0: int = 100, n: int = 10_000,
+                  alpha: float = 0.001, seed: int = 0, batch_size: int = 100) -> ImageCertificate:
+    """CERTIFY one image: ``n0`` selection draws (indices 0..n0−1), then ``n`` estimation draws
+    (n0..n0+n−1) of noise on ``pixels`` (its [0, 1] pixel space), ``batch_size`` noisy copies per
+    forward of ``classify`` (normalised batch -> logits). Independent of every other image: the
+    draws depend only on (seed, key, σ), so images can be spread over processes and machines."""
+    for name, value in (("n0", n0), ("n", n), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if not sigma > 0:
+        raise ValueError(f"sigma: expected a positive noise level, got {sigma!r}")
+    selection, _ = noisy_counts(classify, pixels, normalize, num_classes, seed, key, sigma, range(n0), batch_size)
+    estimation, prob_sum = noisy_counts(classify, pixels, normalize, num_classes, seed, key, sigma,
+                                        range(n0, n0 + n), batch_size)
+    return ImageCertificate(certify(selection, estimation, sigma, alpha), estimation, (prob_sum / n).numpy())
+
+
+def prompted_classifier(backbone: Any, text_features: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The base classifier of a prompted VLM: logits ``s · f(x) · Tᵀ`` of normalised pixels, with
+    the class text features ``T`` computed once (never per batch)."""
+    text = text_features.to(backbone.device)
+
+    def classify(pixels: torch.Tensor) -> torch.Tensor:
+        return backbone.logit_scale * backbone.encode_images(pixels).float() @ text.float().T
+
+    return classify
