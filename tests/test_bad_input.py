@@ -107,6 +107,7 @@ SWEEP_ERRORS = {
     "sweep_bad_seed": {"seeds": ["x"]},
     "sweep_negative_epochs": {"grid": {"epochs": [1, -2]}},
     "sweep_unknown_field": {"grid": {"nonsense": [1]}},
+    "sweep_bad_regime": {"grid": {"regime": ["prompt", "fully"]}},
 }
 
 
@@ -153,6 +154,10 @@ CASES = [
     Case("test fraction above 1", train("--test-fraction", "1.5"), ["test_fraction", "between 0 and 1"]),
     Case("test fraction 0", train("--test-fraction", "0"), ["test_fraction", "between 0 and 1"]),
     Case("negative workers", train("--workers", "-2"), ["workers", "non-negative"]),
+    Case("unknown regime", train("--regime", "partial"), ["--regime", "invalid choice: 'partial'"]),
+    Case("save weights without full regime", train("--save-weights"), ["--save-weights", "--regime full only"]),
+    Case("train logit scale without full regime", train("--train-logit-scale"), ["--regime full only"]),
+    Case("full regime negative lr", train("--regime", "full", "--lr=-2e-7"), ["lr", "non-negative"]),
     Case("tpt negative lr", train("--lr", "-1", command="tpt"), ["lr", "non-negative"]),
     Case("tpt zero views", train("--views", "0", command="tpt"), ["views", "positive integer"]),
     Case("tpt zero limit", train("--limit", "0", command="tpt"), ["limit", "positive integer"]),
@@ -211,7 +216,7 @@ CASES = [
     *(Case(f"sweep: {name}", ["sweep", f"{{world}}/{name}.yaml"], [f"{name}.yaml", expect])
       for name, expect in (("sweep_bad_init", "init"), ("sweep_bad_lr", "lr"), ("sweep_bad_bool", "class_specific"),
                            ("sweep_bad_seed", "seed"), ("sweep_negative_epochs", "epochs"),
-                           ("sweep_unknown_field", "nonsense"))),
+                           ("sweep_unknown_field", "nonsense"), ("sweep_bad_regime", "regime"))),
     Case("demo out is a file", ["demo", "--out", "{world}/afile"], ["afile", "not a directory"]),
     Case("offline hub id", train(command="zeroshot", backbone="plip"),
          ["vinid/plip", "HF_HUB_OFFLINE=1", "config.json", "--weights DIR"], env={"HF_HUB_OFFLINE": "1"},
