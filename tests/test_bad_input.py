@@ -163,6 +163,11 @@ CASES = [
     Case("tpt zero limit", train("--limit", "0", command="tpt"), ["limit", "positive integer"]),
     Case("tpt selection above 1", train("--selection", "1.5", command="tpt"), ["selection", "(0, 1]"]),
     Case("tpt lam for tpt", train("--method", "tpt", "--lam", "3", command="tpt"), ["lam", "no regulariser"]),
+    Case("certify sigma 0", train("--sigma", "0", command="certify"), ["sigma", "positive noise level"]),
+    Case("certify alpha above 1/2", train("--alpha", "0.7", command="certify"), ["alpha", "(0, 0.5)"]),
+    Case("certify zero draws", train("--n", "0", command="certify"), ["n: expected a positive integer"]),
+    Case("certify prompt not a run", train("--prompt", "{world}/flat", command="certify"),
+         ["--prompt", "expected a finished prompt-tuning run"]),
     # names: a misspelt method lists the presets and suggests the closest
     Case("misspelt method", train("--method", "calibprmpt"),
          ["calibprmpt", "presets: ce, ls", "did you mean 'calibprompt'"]),

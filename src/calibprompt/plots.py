@@ -28,7 +28,7 @@ from calibprompt.metrics import (
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_reliability", "plot_risk_coverage", "save_figure"]
+__all__ = ["plot_certified_accuracy", "plot_reliability", "plot_risk_coverage", "save_figure"]
 
 
 def _pyplot():
@@ -155,6 +155,32 @@ def plot_risk_coverage(
     ax.set_ylim(bottom=0)
     ax.set_xlabel("coverage")
     ax.set_ylabel("risk (error rate among kept)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_certified_accuracy(
+    curves: Mapping[str, tuple[ArrayLike, ArrayLike]],
+    path: str | os.PathLike[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Certified accuracy against the L2 radius, ``{"name": (radii, certified accuracy)}`` (a
+    step curve: the accuracy at r counts the images certified at radius ≥ r). Saved as PNG when
+    ``path`` is given (atomically)."""
+    plt = _pyplot()
+    if not curves:
+        raise ValueError("curves: expected at least one (radii, accuracy) pair")
+    fig, ax = plt.subplots(figsize=(5.0, 4.0))
+    for name, (radii, accuracy) in curves.items():
+        ax.step(np.asarray(radii), 100 * np.asarray(accuracy), where="post", linewidth=1.4, label=name)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("L2 radius (pixel space [0, 1])")
+    ax.set_ylabel("certified accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, frameon=False)
     if title:

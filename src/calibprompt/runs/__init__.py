@@ -4,12 +4,14 @@ writes the same kind of run directory through :func:`execute_run`.
 * :mod:`~calibprompt.runs.identity` -- what a run is (the hash of everything that determines it)
 * :mod:`~calibprompt.runs.directory` -- the directory layout, atomic creation, checkpoints
 * :mod:`~calibprompt.runs.execute` -- plan -> skip / resume -> work -> predictions, metrics
-* :mod:`~calibprompt.runs.prompt`, :mod:`~calibprompt.runs.tpt` -- the kinds of runs
+* :mod:`~calibprompt.runs.prompt`, :mod:`~calibprompt.runs.tpt`, :mod:`~calibprompt.runs.certify` --
+  the kinds of runs
 * :mod:`~calibprompt.runs.apply` -- finished runs: predict new images, external evaluation
 * :mod:`~calibprompt.runs.sweep`, :mod:`~calibprompt.runs.report` -- grids of runs and their tables
 """
 
 from calibprompt.runs.apply import KINDS, Predictions, Run, collect_images, load_run
+from calibprompt.runs.certify import CertifyRunConfig
 from calibprompt.runs.common import cached_backbone, package_versions
 from calibprompt.runs.execute import RunResult, execute_run
 from calibprompt.runs.identity import SCHEMA_VERSION, RunIdentity
@@ -21,6 +23,7 @@ from calibprompt.runs.tpt import TPTRunConfig
 __all__ = [
     "KINDS",
     "SCHEMA_VERSION",
+    "CertifyRunConfig",
     "Predictions",
     "PromptRunConfig",
     "Run",

@@ -30,6 +30,7 @@ from calibprompt.data.datasets import IMAGE_EXTENSIONS
 from calibprompt.files import slug, write_json, write_text
 from calibprompt.metrics import METRICS_VERSION
 from calibprompt.plots import plot_reliability
+from calibprompt.runs.certify import CertifyRunConfig
 from calibprompt.runs.common import cached_backbone, dataset_fingerprint, device_kind
 from calibprompt.runs.directory import RunDirectory, read_predictions, read_record, write_npz
 from calibprompt.runs.execute import RunResult, score
@@ -40,7 +41,7 @@ from calibprompt.runs.tpt import TPTRunConfig
 __all__ = ["KINDS", "Predictions", "Run", "collect_images", "load_run"]
 
 #: Run kinds and their config classes.
-KINDS: dict[str, type] = {"prompt": PromptRunConfig, "tpt": TPTRunConfig}
+KINDS: dict[str, type] = {"prompt": PromptRunConfig, "tpt": TPTRunConfig, "certify": CertifyRunConfig}
 
 
 def collect_images(items: Sequence[str | Path]) -> list[Path]:

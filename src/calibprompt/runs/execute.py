@@ -103,7 +103,7 @@ def _finalize(directory: RunDirectory, outputs: Outputs, plan: Plan) -> dict[str
     metrics = score(arrays["test_logits"], arrays["test_labels"], plan.n_bins,
                     val_logits=arrays.get("val_logits"), val_labels=arrays.get("val_labels"))
     metrics["excluded_test_images"] = [list(e) for e in outputs.excluded]
-    metrics.update(outputs.extra)
+    metrics.update(_finite(outputs.extra))  # undefined metrics (e.g. AUROC of one class) as null
     plot_reliability(softmax(arrays["test_logits"], axis=1), arrays["test_labels"], n_bins=plan.n_bins,
                      path=directory.path("reliability.png"), title=plan.title)
     return metrics

@@ -1,0 +1,261 @@
+"""Certification runs (the ``certify`` kind): randomized smoothing of a prompted VLM at one σ.
+
+The base classifier is the backbone with class text features computed once: the dataset's
+zero-shot prompts, or the learned prompt of a finished prompt-tuning run (``prompt``). Each test
+image of a seeded, class-stratified subset is certified with :func:`calibprompt.methods.smoothing.
+certify_image` (``n0`` selection then ``n`` estimation draws of noise in the [0, 1] pixel space at
+the backbone's input resolution); images are independent and checkpointed in groups, so an
+interrupted run resumes after its last finished group.
+
+Files besides the common ones: ``certification.csv`` (one row per image: ``image, label, sigma,
+prediction`` (−1 = abstain), ``n_a, n, p_lower, radius``, then the mean softmax over the noise per
+class), ``certified_accuracy.png``. ``predictions.npz`` holds ``log p̄(x)`` as ``test_logits``, so
+``metrics.json``'s ``uncalibrated`` numbers are those of the smoothed probabilities p̄; its
+``certification`` entry holds certified accuracy at the standard radii, the abstention rate, the
+smoothed classifier's accuracy, the vote share's metrics (all images, and non-abstained ones with
+their coverage) and the clean base classifier's metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from calibprompt.data import FeatureStore
+from calibprompt.data.images import file_hash, open_image
+from calibprompt.files import slug, write_text
+from calibprompt.methods.smoothing import (
+    ABSTAIN,
+    certified_accuracy,
+    certify_image,
+    max_certifiable_radius,
+    pixel_transform,
+    prompted_classifier,
+)
+from calibprompt.methods.zeroshot import zeroshot_text_features
+from calibprompt.metrics import METRICS_VERSION, evaluate
+from calibprompt.metrics._validation import MAX_BINS
+from calibprompt.plots import plot_certified_accuracy
+from calibprompt.progress import rate_progress
+from calibprompt.runs.common import (
+    Outputs,
+    Plan,
+    RunConfigBase,
+    cached_backbone,
+    dataset_fingerprint,
+    device_kind,
+    option,
+    test_split_record,
+)
+from calibprompt.runs.directory import RunDirectory, write_npz
+from calibprompt.runs.identity import RunIdentity, run_name
+from calibprompt.runs.tpt import stratified_subset
+
+__all__ = ["PROTOCOL_VERSION", "RADII", "CertifyRunConfig"]
+
+#: Bumped when certification changes its results.
+PROTOCOL_VERSION = 1
+#: The radii at which certified accuracy is reported (pixel space [0, 1]).
+RADII = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5)
+#: Images per checkpoint group.
+PART_IMAGES = 8
+#: Fields that do not change a certification's result.
+NON_EFFECTIVE = ("root", "weights", "device", "cache", "workers", "progress", "n_bins", "batch_size", "prompt",
+                 "skip_unreadable", "precision", "test_fraction")
+
+
+@dataclass(frozen=True)
+class CertifyRunConfig(RunConfigBase):
+    """Certification of a prompted VLM by randomized smoothing at one noise level; the schema of
+    the ``certify`` flags (one run per ``--sigma``)."""
+
+    kind: ClassVar[str] = "certify"
+
+    method: str = option("certify", help="the base classifier's name in reports", cli=False)
+    sigma: float = option(0.25, help="noise level σ in the [0, 1] pixel space")
+    n0: int = option(100, help="selection draws (choose the candidate class)")
+    n: int = option(10_000, help="estimation draws (bound its probability); PromptSmooth 10,000, Cohen et al. 100,000")
+    alpha: float = option(0.001, help="certification level: the certificate fails with probability at most alpha")
+    subset: int | None = option(500, help="certify a seeded class-stratified subset of this many test images",
+                                default_text="500 (all: 0 is refused, use a number at least the test size)")
+    prompt: str | None = option(None, help="a finished prompt-tuning run whose learned prompt is the base classifier",
+                                default_text="the dataset's zero-shot prompts")
+    batch_size: int = option(100, help="noisy copies per image-encoder forward (results do not depend on it)")
+    n_bins: int = option(15, help="bins of ECE/MCE/ACE in metrics.json")
+
+    @property
+    def needs_train(self) -> bool:
+        return False
+
+    def validate(self) -> None:
+        self.check_types()
+        self.check_base_options()
+        if not self.sigma > 0:
+            raise ValueError(f"sigma: expected a positive noise level, got {self.sigma!r}")
+        for name in ("n0", "n", "batch_size", "n_bins"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.subset is not None and self.subset < 1:
+            raise ValueError(f"subset: expected a positive number of images, got {self.subset!r}")
+        if not 0 < self.alpha < 0.5:
+            raise ValueError(f"alpha: expected a level in (0, 0.5), got {self.alpha!r}")
+        if self.n_bins > MAX_BINS:
+            raise ValueError(f"n_bins: expected an integer from 1 to {MAX_BINS:,}, got {self.n_bins!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer, got {self.seed!r}")
+        device_kind(self.device)
+
+    def _base_text(self, backbone: Any, test: Any) -> tuple[torch.Tensor, str, str | None]:
+        """(class text features, base classifier name, digest of the prompt run's features)."""
+        if self.prompt is None:
+            return zeroshot_text_features(backbone, list(test.classnames), test.templates), "zeroshot", None
+        run = Path(self.prompt)
+        record_file, classifier = run / "config.json", run / "classifier.safetensors"
+        if not (record_file.is_file() and classifier.is_file() and (run / "metrics.json").is_file()):
+            raise ValueError(f"--prompt {run}: expected a finished prompt-tuning run directory (config.json, "
+                             "classifier.safetensors, metrics.json)")
+        record = json.loads(record_file.read_text())
+        if record.get("kind") != "prompt" or record.get("regime", "prompt") != "prompt":
+            raise ValueError(f"--prompt {run}: a {record.get('regime', record.get('kind'))} run; certification takes "
+                             "a prompt-tuning (or zero-shot) run")
+        if record.get("backbone") != self.backbone or list(record.get("classnames", [])) != list(test.classnames):
+            raise ValueError(f"--prompt {run}: made for {record.get('backbone')} with classes "
+                             f"{record.get('classnames')}; this certification uses {self.backbone} with "
+                             f"{list(test.classnames)}")
+        text = load_file(str(classifier))["text_features"]
+        digest = hashlib.sha256(text.float().numpy().tobytes()).hexdigest()[:16]
+        return text, str(record.get("method", "prompt")), digest
+
+    def plan(self) -> Plan:
+        self.validate()
+        _, test = self.load_splits()
+        backbone = cached_backbone(self.backbone, self.weights, self.device, self.precision)
+        text, base, digest = self._base_text(backbone, test)
+        store = FeatureStore(self.cache)
+        effective = {**{k: v for k, v in asdict(self).items() if k not in NON_EFFECTIVE},
+                     "base": base, "prompt_digest": digest, **self.data_effective()}
+        identity = RunIdentity(kind=self.kind, config=effective, data={"test": dataset_fingerprint(test, store)},
+                               backbone=backbone.fingerprint, protocol_version=PROTOCOL_VERSION,
+                               metrics_version=METRICS_VERSION, precision=self.precision,
+                               device_kind=device_kind(self.device))
+        defaults = {**{k: v for k, v in asdict(CertifyRunConfig(self.backbone, self.dataset, self.root)).items()
+                       if k not in NON_EFFECTIVE}, "base": base, "prompt_digest": digest}
+        name = run_name([f"sigma{self.sigma:g}", f"seed{self.seed}"], effective, defaults, identity.run_id,
+                        skip=("method", "backbone", "dataset", "seed", "sigma", "base", "prompt_digest"))
+        method = f"certify-{base}"
+        path = Path(slug(self.dataset)) / slug(self.backbone) / slug(method, limit=40) / name
+        record = {"base_classifier": base, "prompt": self.prompt, "prompt_digest": digest,
+                  **test_split_record(self, None, test)}
+
+        def work(directory: RunDirectory) -> Outputs:
+            return _work(self, directory, backbone, test, text)
+
+        return Plan(identity, path, asdict(self), list(test.classnames), self.n_bins,
+                    f"{self.backbone} / {self.dataset} / {method}, sigma {self.sigma:g}", work, record, method=method)
+
+    def predict_logits(self, directory: Path, backbone: Any, paths: list[Path], store: FeatureStore,
+                       *, workers: int | None = None, progress: bool = True):
+        raise ValueError(f"{directory}: a certification run does not classify new images; certify them with "
+                         "`calibprompt certify` (or predict with the run given as --prompt)")
+
+
+def _work(config: CertifyRunConfig, directory: RunDirectory, backbone: Any, test: Any, text: torch.Tensor) -> Outputs:
+    if config.subset is not None and config.subset < len(test):
+        test = test.subset(stratified_subset(test.labels, config.subset), split=test.split)
+    split = pixel_transform(backbone.image_transform())
+    classify = prompted_classifier(backbone, text)
+    c = test.num_classes
+    parts = directory.path("parts")
+    parts.mkdir(exist_ok=True)
+    done: dict[int, np.ndarray] = {}
+    for part in sorted(parts.glob("certify-*.npz")):
+        with np.load(part, allow_pickle=False) as data:
+            done.update(zip(data["positions"].tolist(), data["rows"], strict=True))
+    todo = [i for i in range(len(test)) if i not in done]
+    excluded: list[tuple[str, str]] = []
+    resolution: list[int] = []
+    start = time.perf_counter()
+    with rate_progress(config.progress) as bar:
+        task = bar.add_task(f"certifying sigma {config.sigma:g}", total=len(test), completed=len(test) - len(todo),
+                            rate="-")
+        for g in range(0, len(todo), PART_IMAGES):
+            chunk, rows = todo[g:g + PART_IMAGES], []
+            for i in chunk:
+                try:
+                    pixels = split.to_pixels(open_image(test.path(i)))
+                except Exception as exc:  # an image that does not decode
+                    excluded.append((str(test.path(i)), f"unreadable image ({type(exc).__name__}: {str(exc)[:120]})"))
+                    rows.append(np.full(6 + 3 * c, np.nan))
+                    continue
+                resolution = list(pixels.shape)
+                with torch.no_grad():
+                    result = certify_image(classify, pixels, split.normalize, c, key=file_hash(test.path(i)),
+                                           sigma=config.sigma, n0=config.n0, n=config.n, alpha=config.alpha,
+                                           seed=config.seed, batch_size=config.batch_size)
+                    clean = classify(split.normalize(pixels[None])).double().cpu().numpy()[0]
+                cert = result.certificate
+                # row: prediction, n_a, n, p_lower, radius, candidate, counts (C), mean softmax (C), clean logits (C)
+                rows.append(np.array([cert.prediction, cert.n_a, cert.n, cert.p_lower, cert.radius, cert.candidate,
+                                      *result.counts, *result.mean_probs, *clean], dtype=np.float64))
+                bar.update(task, advance=1, rate=f"{(g + len(rows)) / max(time.perf_counter() - start, 1e-9):.2f}")
+            stacked = np.stack(rows)
+            write_npz(parts / f"certify-{chunk[0]:07d}.npz", positions=np.asarray(chunk), rows=stacked)
+            done.update(zip(chunk, stacked, strict=True))
+    config.check_readable(excluded, f"the test split ({test.root})")
+    return _outputs(config, directory, test, done, resolution)
+
+
+def _outputs(config: CertifyRunConfig, directory: RunDirectory, test: Any, done: dict[int, np.ndarray],
+             resolution: list[int]) -> Outputs:
+    c = test.num_classes
+    keep = [i for i in range(len(test)) if not np.isnan(done[i][0])]
+    table = np.stack([done[i] for i in keep])
+    labels = test.labels[keep]
+    prediction, radius = table[:, 0].astype(int), table[:, 4]
+    counts, mean_probs, clean_logits = table[:, 6:6 + c], table[:, 6 + c:6 + 2 * c], table[:, 6 + 2 * c:6 + 3 * c]
+    correct = prediction == labels  # abstention (-1) is never correct
+    abstained = prediction == ABSTAIN
+    vote_probs = counts / counts.sum(1, keepdims=True)  # each class's share of the n estimation draws
+    clean = np.exp(clean_logits - clean_logits.max(1, keepdims=True))
+    clean /= clean.sum(1, keepdims=True)
+    accuracy_at = certified_accuracy(radius, correct, RADII)
+    answered = ~abstained
+    certification = {
+        "sigma": config.sigma, "n0": config.n0, "n": config.n, "alpha": config.alpha, "images": len(keep),
+        "resolution": resolution, "noise_space": "[0, 1] pixels at the input resolution, before normalisation",
+        "certified_accuracy": {f"{r:g}": float(a) for r, a in zip(RADII, accuracy_at, strict=True)},
+        "abstention_rate": float(abstained.mean()), "smoothed_accuracy": float(correct.mean()),
+        "max_certifiable_radius": max_certifiable_radius(config.sigma, config.n, config.alpha),
+        "vote_share": {"all": evaluate(vote_probs, labels, n_bins=config.n_bins),
+                       "answered": (evaluate(vote_probs[answered], labels[answered], n_bins=config.n_bins)
+                                    if answered.any() else None),
+                       "coverage": float(answered.mean())},
+        "clean_base_classifier": evaluate(clean, labels, n_bins=config.n_bins),
+        "covers": ("the smoothed classifier g of a fixed prompt: a certificate at x holds for every x' with "
+                   "||x' - x||_2 < radius"),
+    }
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "label", "sigma", "prediction", "n_a", "n", "p_lower", "radius",
+                     *(f"p_{name}" for name in test.classnames)])
+    for row, i in zip(table, keep, strict=True):
+        writer.writerow([test.files[i], int(test.labels[i]), config.sigma, int(row[0]), int(row[1]), int(row[2]),
+                         repr(float(row[3])), repr(float(row[4])), *(repr(float(p)) for p in row[6 + c:6 + 2 * c])])
+    write_text(directory.path("certification.csv"), buffer.getvalue())
+    plot_certified_accuracy({f"σ = {config.sigma:g}": (RADII, accuracy_at)}, directory.path("certified_accuracy.png"),
+                            title=f"{config.backbone} / {config.dataset}, n = {config.n}, α = {config.alpha:g}")
+    return Outputs(test_logits=np.log(np.clip(mean_probs, 1e-300, None)), test_labels=labels,
+                   test_files=[test.files[i] for i in keep],
+                   excluded=[(test.files[i], "unreadable image") for i in range(len(test)) if i not in keep],
+                   extra={"certification": certification})

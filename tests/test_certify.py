@@ -1,0 +1,120 @@
+"""Certification runs (``calibprompt certify``): the run's files and numbers recomputed from its
+own table, resumption, independence of the batch size, and the base classifier from a prompt run."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from calibprompt.cli import main
+from calibprompt.demo.tissue import write_demo_dataset
+from calibprompt.methods.smoothing import certified_accuracy, clopper_pearson_lower
+from calibprompt.runs import CertifyRunConfig, PromptRunConfig, execute_run
+from calibprompt.runs.certify import RADII
+
+TINY = {"n0": 10, "n": 40, "alpha": 0.05, "subset": 6, "workers": 0, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cert_data")
+    write_demo_dataset(root, per_class={"train": 6, "test": 3})
+    return root
+
+
+def config(root, cache, **kw):
+    return CertifyRunConfig(**{"backbone": "demo", "dataset": "demo", "root": str(root), "cache": str(cache),
+                               "sigma": 0.1, **TINY, **kw})
+
+
+def rows(directory):
+    with (directory / "certification.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def same_certificates(a, b):
+    """Equal counts, bounds, radii and predictions; mean softmax equal up to float32 batch rounding."""
+    exact = ("image", "label", "sigma", "prediction", "n_a", "n", "p_lower", "radius")
+    assert [[r[k] for k in exact] for r in rows(a)] == [[r[k] for k in exact] for r in rows(b)]
+    probs = [[[float(v) for k, v in r.items() if k not in exact] for r in rows(d)] for d in (a, b)]
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-6)
+
+
+def test_a_certification_run_reports_what_its_table_says(demo_root, tmp_path):
+    result = execute_run(config(demo_root, tmp_path / "cache"), tmp_path / "runs")
+    table = rows(result.directory)
+    assert list(table[0])[:8] == ["image", "label", "sigma", "prediction", "n_a", "n", "p_lower", "radius"]
+    assert len(table) == 6 and {r["n"] for r in table} == {"40"}
+    cert = result.metrics["certification"]
+    prediction = np.array([int(r["prediction"]) for r in table])
+    labels = np.array([int(r["label"]) for r in table])
+    radius = np.array([float(r["radius"]) for r in table])
+    for r in table:  # every bound and radius follows from its counts
+        p = clopper_pearson_lower(int(r["n_a"]), 40, 0.05)
+        assert float(r["p_lower"]) == pytest.approx(p)
+        assert (int(r["prediction"]) == -1) == (p < 0.5)
+    expected = certified_accuracy(radius, prediction == labels, RADII)
+    assert [cert["certified_accuracy"][f"{r:g}"] for r in RADII] == pytest.approx(list(expected))
+    assert cert["abstention_rate"] == pytest.approx(np.mean(prediction == -1))
+    assert cert["smoothed_accuracy"] == pytest.approx(np.mean(prediction == labels))
+    assert cert["resolution"] == [3, 32, 32] and cert["vote_share"]["coverage"] == pytest.approx(np.mean(prediction != -1))
+    probs = np.array([[float(v) for k, v in r.items() if k.startswith("p_") and k != "p_lower"] for r in table])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)  # the mean softmax over the noise
+    preds = np.load(result.directory / "predictions.npz")
+    np.testing.assert_allclose(np.exp(preds["test_logits"]), probs, rtol=1e-9)  # metrics are those of p̄
+    assert (result.directory / "certified_accuracy.png").is_file()
+    record = json.loads((result.directory / "config.json").read_text())
+    assert record["kind"] == "certify" and record["base_classifier"] == "zeroshot"
+
+
+def test_batch_size_is_not_part_of_the_result_and_an_interrupted_run_resumes(demo_root, tmp_path, monkeypatch):
+    whole = execute_run(config(demo_root, tmp_path / "cache", batch_size=7), tmp_path / "a")
+    again = execute_run(config(demo_root, tmp_path / "cache", batch_size=40), tmp_path / "a")
+    assert again.skipped and again.directory == whole.directory  # same identity
+    redo = execute_run(config(demo_root, tmp_path / "cache", batch_size=40), tmp_path / "b")
+    same_certificates(redo.directory, whole.directory)  # the noise does not depend on the batch size
+    import calibprompt.runs.certify as certify_module
+
+    calls = []
+    original = certify_module.write_npz
+
+    def interrupt(path, **arrays):
+        original(path, **arrays)
+        calls.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(certify_module, "PART_IMAGES", 2)
+    monkeypatch.setattr(certify_module, "write_npz", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        execute_run(config(demo_root, tmp_path / "cache"), tmp_path / "c")
+    monkeypatch.setattr(certify_module, "write_npz", original)
+    resumed = execute_run(config(demo_root, tmp_path / "cache"), tmp_path / "c")
+    assert len(calls) == 1
+    same_certificates(resumed.directory, whole.directory)
+
+
+def test_the_base_classifier_can_be_a_prompt_run_but_not_a_full_fine_tuning_run(demo_root, tmp_path):
+    common = {"backbone": "demo", "dataset": "demo", "root": str(demo_root), "cache": str(tmp_path / "cache"),
+              "workers": 0, "progress": False, "shots": 2, "epochs": 1, "views": 1, "val_per_class": 1}
+    tuned = execute_run(PromptRunConfig(**common, method="ce"), tmp_path / "runs")
+    result = execute_run(config(demo_root, tmp_path / "cache", prompt=str(tuned.directory)), tmp_path / "runs")
+    assert result.directory.parent.name == "certify-ce"
+    assert json.loads((result.directory / "config.json").read_text())["prompt_digest"]
+    full = execute_run(PromptRunConfig(**common, method="ce", regime="full", lr=0.0), tmp_path / "runs")
+    with pytest.raises(ValueError, match="certification takes a prompt-tuning"):
+        execute_run(config(demo_root, tmp_path / "cache", prompt=str(full.directory)), tmp_path / "runs")
+    with pytest.raises(ValueError, match="expected a finished prompt-tuning run"):
+        execute_run(config(demo_root, tmp_path / "cache", prompt=str(tmp_path)), tmp_path / "runs")
+
+
+def test_certify_command_runs_one_certification_per_sigma(demo_root, tmp_path, capsys):
+    argv = ["certify", "--backbone", "demo", "--dataset", "demo", "--root", str(demo_root), "--sigma", "0.1", "0.5",
+            "--n0", "5", "--n", "20", "--subset", "4", "--cache", str(tmp_path / "cache"), "--workers", "0",
+            "--quiet", "--out", str(tmp_path / "runs")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "sigma 0.1" in out and "sigma 0.5" in out and "certified accuracy r=0:" in out
+    assert len(list((tmp_path / "runs").rglob("certification.csv"))) == 2
