@@ -16,7 +16,7 @@ import calibprompt
 from calibprompt.cli import build_parser
 from calibprompt.cli.options import config_from_args, default_of
 from calibprompt.demo.pipeline import run_demo
-from calibprompt.runs import PromptRunConfig, TPTRunConfig, write_report
+from calibprompt.runs import CertifyRunConfig, PromptRunConfig, TPTRunConfig, write_report
 from calibprompt.runs.prompt import TRAINING_FIELDS
 
 BASE = ["--backbone", "b", "--dataset", "d", "--root", "r"]
@@ -68,9 +68,12 @@ def test_cli_defaults_equal_the_config_schema():
     tpt = subparsers()["tpt"].parse_args(BASE)
     assert tpt.method == [TPTRunConfig.__dataclass_fields__["method"].default]
     assert config_from_args(TPTRunConfig, tpt, method=tpt.method[0]) == TPTRunConfig("b", "d", "r")
+    certify = subparsers()["certify"].parse_args(BASE)
+    assert certify.sigma == [CertifyRunConfig.__dataclass_fields__["sigma"].default]
+    assert config_from_args(CertifyRunConfig, certify, sigma=certify.sigma[0]) == CertifyRunConfig("b", "d", "r")
     # every field of the schema has its flag (or is declared without one)
     for name, cls, skip in (("train", PromptRunConfig, ()), ("zeroshot", PromptRunConfig, ("method", *TRAINING_FIELDS)),
-                            ("tpt", TPTRunConfig, ())):
+                            ("tpt", TPTRunConfig, ()), ("certify", CertifyRunConfig, ())):
         dests = {a.dest for a in subparsers()[name]._actions}
         for f in dataclasses.fields(cls):
             if f.name not in skip and f.metadata.get("cli", True):

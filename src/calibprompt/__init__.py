@@ -3,7 +3,7 @@
 The public API -- everything a user needs, importable from the top level::
 
     from calibprompt import load_backbone, load_dataset, few_shot, FeatureStore, Objective
-    from calibprompt import zeroshot, train, tpt, load_run, run_sweep, write_report
+    from calibprompt import zeroshot, train, tpt, certify, load_run, run_sweep, write_report
     from calibprompt import evaluate, bootstrap, TemperatureScaling
 
 =================  =====================================================================
@@ -11,8 +11,8 @@ backbones          ``load_backbone``, ``list_backbones``
 data               ``load_dataset``, ``list_datasets``, ``few_shot``, ``validation_split``,
                    ``FeatureStore``
 objectives         ``Objective`` (presets and expressions of loss terms)
-runs               ``zeroshot``, ``train``, ``tpt`` (one run each), ``execute_run`` with
-                   ``PromptRunConfig`` / ``TPTRunConfig``, ``run_sweep``, ``load_run``
+runs               ``zeroshot``, ``train``, ``tpt``, ``certify`` (one run each), ``execute_run``
+                   with ``PromptRunConfig`` / ``TPTRunConfig`` / ``CertifyRunConfig``, ``run_sweep``, ``load_run``
                    (predict, external evaluation), ``write_report``, ``summarize``
 measuring          ``evaluate`` (every metric at once), ``bootstrap``, the ``metrics`` module
 post-hoc           ``TemperatureScaling`` and the ``calibrators`` module
@@ -42,6 +42,8 @@ _EXPORTS: dict[str, str | None] = {
     "zeroshot": "calibprompt.runs.shortcuts",
     "train": "calibprompt.runs.shortcuts",
     "tpt": "calibprompt.runs.shortcuts",
+    "certify": "calibprompt.runs.shortcuts",
+    "CertifyRunConfig": "calibprompt.runs",
     "execute_run": "calibprompt.runs",
     "PromptRunConfig": "calibprompt.runs",
     "TPTRunConfig": "calibprompt.runs",
@@ -57,8 +59,8 @@ _EXPORTS: dict[str, str | None] = {
 }
 
 __all__ = [  # the names of _EXPORTS (a test keeps the two equal)
-    "FeatureStore", "Objective", "PromptRunConfig", "TPTRunConfig", "TemperatureScaling", "__version__",
-    "bootstrap", "calibrators", "evaluate", "execute_run", "few_shot", "list_backbones", "list_datasets",
+    "CertifyRunConfig", "FeatureStore", "Objective", "PromptRunConfig", "TPTRunConfig", "TemperatureScaling", "__version__",
+    "bootstrap", "calibrators", "certify", "evaluate", "execute_run", "few_shot", "list_backbones", "list_datasets",
     "load_backbone", "load_dataset", "load_run", "metrics", "run_sweep", "summarize", "tpt", "train",
     "validation_split", "write_report", "zeroshot",
 ]
@@ -77,6 +79,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on f
     from calibprompt.metrics import bootstrap, evaluate
     from calibprompt.objective import Objective
     from calibprompt.runs import (
+        CertifyRunConfig,
         PromptRunConfig,
         TPTRunConfig,
         execute_run,
@@ -85,7 +88,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on f
         summarize,
         write_report,
     )
-    from calibprompt.runs.shortcuts import tpt, train, zeroshot
+    from calibprompt.runs.shortcuts import certify, tpt, train, zeroshot
 
 
 def __getattr__(name: str) -> Any:

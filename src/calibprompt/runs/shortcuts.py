@@ -1,16 +1,17 @@
 """One call per kind of run, for Python users: ``calibprompt.zeroshot(...)``, ``calibprompt.train(...)``,
-``calibprompt.tpt(...)`` -- the library side of the commands of the same names."""
+``calibprompt.tpt(...)``, ``calibprompt.certify(...)`` -- the library side of the commands of the same names."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from calibprompt.runs.certify import CertifyRunConfig
 from calibprompt.runs.execute import RunResult, execute_run
 from calibprompt.runs.prompt import PromptRunConfig
 from calibprompt.runs.tpt import TPTRunConfig
 
-__all__ = ["tpt", "train", "zeroshot"]
+__all__ = ["certify", "tpt", "train", "zeroshot"]
 
 
 def zeroshot(backbone: str, dataset: str, root: str | Path, *, out: str | Path = "runs", force: bool = False,
@@ -37,3 +38,11 @@ def tpt(backbone: str, dataset: str, root: str | Path, method: str | None = None
     if method is not None:
         options["method"] = method
     return execute_run(TPTRunConfig(backbone, dataset, str(root), **options), out, force=force)
+
+
+def certify(backbone: str, dataset: str, root: str | Path, sigma: float = 0.25, *, out: str | Path = "runs",
+            force: bool = False, **options: Any) -> RunResult:
+    """Certify the test split by randomized smoothing at noise level ``sigma`` (Cohen et al. 2019's
+    CERTIFY), as a run under ``out``; ``options`` are fields of :class:`CertifyRunConfig` (``n``,
+    ``n0``, ``alpha``, ``subset``, ``prompt``, ...)."""
+    return execute_run(CertifyRunConfig(backbone, dataset, str(root), sigma=sigma, **options), out, force=force)
