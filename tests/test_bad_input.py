@@ -166,6 +166,10 @@ CASES = [
     Case("certify sigma 0", train("--sigma", "0", command="certify"), ["sigma", "positive noise level"]),
     Case("certify alpha above 1/2", train("--alpha", "0.7", command="certify"), ["alpha", "(0, 0.5)"]),
     Case("certify zero draws", train("--n", "0", command="certify"), ["n: expected a positive integer"]),
+    Case("certify unknown test-time step", train("--test-time", "tent", command="certify"),
+         ["--test-time", "invalid choice: 'tent'"]),
+    Case("certify as weight without its step", train("--as-weight", "3", command="certify"),
+         ["--as-weight applies to --test-time entropy+as only"]),
     Case("certify prompt not a run", train("--prompt", "{world}/flat", command="certify"),
          ["--prompt", "expected a finished prompt-tuning run"]),
     # names: a misspelt method lists the presets and suggests the closest

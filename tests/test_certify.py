@@ -118,3 +118,52 @@ def test_certify_command_runs_one_certification_per_sigma(demo_root, tmp_path, c
     out = capsys.readouterr().out
     assert "sigma 0.1" in out and "sigma 0.5" in out and "certified accuracy r=0:" in out
     assert len(list((tmp_path / "runs").rglob("certification.csv"))) == 2
+
+
+def test_the_test_time_step_lowers_the_entropy_of_the_mean_softmax_and_resets_per_image():
+    import torch
+
+    from calibprompt.backbones import load_backbone
+    from calibprompt.losses import angular_separation
+    from calibprompt.methods.promptsmooth import TestTimeConfig, adapt_to_noisy_copies
+    from calibprompt.prompts import PromptLearner
+
+    backbone = load_backbone("demo")
+    names = ["adipose tissue", "lymphocytes", "cancer-associated stroma", "colorectal adenocarcinoma epithelium"]
+    learner = PromptLearner(backbone, names, init="words", init_words="An H&E image of")
+    initial = learner.ctx.detach().clone()
+    feats = torch.nn.functional.normalize(torch.randn(100, backbone.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+
+    def entropy(text):
+        mean = torch.softmax(backbone.logit_scale * feats @ text.T, -1).mean(0)
+        return float(-(mean * mean.log()).sum())
+
+    with torch.no_grad():
+        before = learner()
+    after = adapt_to_noisy_copies(learner, initial, feats, backbone.logit_scale, TestTimeConfig(lr=1e-3))
+    assert entropy(after) < entropy(before)
+    moved = (learner.ctx.detach() - initial).abs()
+    # one AdamW step from a fresh state moves each coordinate by about lr (plus lr·wd·ctx of decay)
+    assert float(moved.median()) == pytest.approx(1e-3, rel=0.05)
+    assert float(moved.max()) <= 1e-3 * 1.001 + 1e-3 * 0.01 * float(initial.abs().max())
+    again = adapt_to_noisy_copies(learner, initial, feats, backbone.logit_scale, TestTimeConfig(lr=1e-3))
+    assert torch.equal(after, again)  # the prompt starts afresh for every image
+    separated = adapt_to_noisy_copies(learner, initial, feats, backbone.logit_scale,
+                                      TestTimeConfig(lr=1e-2, as_weight=1e4))
+    assert float(angular_separation(separated)) < float(angular_separation(before))
+
+
+def test_a_test_time_certification_is_its_own_run_and_says_what_it_covers(demo_root, tmp_path):
+    plain = execute_run(config(demo_root, tmp_path / "cache"), tmp_path / "runs")
+    tuned = execute_run(config(demo_root, tmp_path / "cache", test_time="entropy+as", as_weight=2.0, copies=8),
+                        tmp_path / "runs")
+    assert tuned.directory != plain.directory and tuned.directory.parent.name == "certify-zeroshot_entropy_as"
+    record = json.loads((tuned.directory / "config.json").read_text())
+    assert record["identity"]["config"]["as_weight"] == 2.0 and record["identity"]["config"]["ctx_init"] == "An H&E image of"
+    assert "as_weight" not in json.loads((plain.directory / "config.json").read_text())["identity"]["config"]
+    assert "tuned on x itself" in tuned.metrics["certification"]["covers"]
+    again = execute_run(config(demo_root, tmp_path / "cache", test_time="entropy+as", as_weight=2.0, copies=8),
+                        tmp_path / "again")
+    same_certificates(again.directory, tuned.directory)  # reproducible
+    with pytest.raises(ValueError, match="--as-weight applies to --test-time entropy\\+as only"):
+        config(demo_root, tmp_path / "cache", test_time="entropy", as_weight=3.0).validate()

@@ -45,6 +45,7 @@ interrupted one resumes. --val-per-class N also adapts a validation split (for c
   calibprompt certify --backbone plip --dataset kather --root ~/data --sigma 0.1 0.25 0.5 1.0
   calibprompt certify --backbone plip --dataset kather --root ~/data --prompt runs/kather/plip/ce/8shot-seed1-0123456789
   calibprompt certify --backbone demo --dataset demo --root demo_output/data --n 100 --n0 10 --subset 8
+  calibprompt certify --backbone plip --dataset kather --root ~/data --test-time entropy+as --as-weight 1
 
 Cohen et al.'s CERTIFY: n0 selection draws choose the class, n fresh draws bound its probability
 (one-sided Clopper-Pearson at --alpha); the radius is sigma * PhiInv(p_lower), or the image is

@@ -34,11 +34,13 @@ from safetensors.torch import load_file
 from calibprompt.data import FeatureStore
 from calibprompt.data.images import file_hash, open_image
 from calibprompt.files import slug, write_text
+from calibprompt.methods.promptsmooth import TestTimeConfig, adapt_to_noisy_copies
 from calibprompt.methods.smoothing import (
     ABSTAIN,
     certified_accuracy,
     certify_image,
     max_certifiable_radius,
+    noise,
     pixel_transform,
     prompted_classifier,
 )
@@ -59,7 +61,7 @@ from calibprompt.runs.common import (
 )
 from calibprompt.runs.directory import RunDirectory, write_npz
 from calibprompt.runs.identity import RunIdentity, run_name
-from calibprompt.runs.tpt import stratified_subset
+from calibprompt.runs.tpt import initial_learner, stratified_subset
 
 __all__ = ["PROTOCOL_VERSION", "RADII", "CertifyRunConfig"]
 
@@ -67,6 +69,8 @@ __all__ = ["PROTOCOL_VERSION", "RADII", "CertifyRunConfig"]
 PROTOCOL_VERSION = 1
 #: The radii at which certified accuracy is reported (pixel space [0, 1]).
 RADII = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5)
+#: PromptSmooth's per-image test-time steps (``test_time``).
+TEST_TIME = ("entropy", "entropy+as")
 #: Images per checkpoint group.
 PART_IMAGES = 8
 #: Fields that do not change a certification's result.
@@ -90,6 +94,13 @@ class CertifyRunConfig(RunConfigBase):
                                 default_text="500 (all: 0 is refused, use a number at least the test size)")
     prompt: str | None = option(None, help="a finished prompt-tuning run whose learned prompt is the base classifier",
                                 default_text="the dataset's zero-shot prompts")
+    test_time: str | None = option(None, help="PromptSmooth's per-image step before certifying: entropy of the mean "
+                                              "softmax over noisy copies (entropy), plus angular separation "
+                                              "(entropy+as)", choices=TEST_TIME, default_text="none")
+    as_weight: float = option(1.0, help="entropy+as: weight of the angular-separation term (no published value)")
+    copies: int = option(TestTimeConfig.copies, help="test-time step: noisy copies of the image")
+    ctx_init: str | None = option(None, help="test-time step without --prompt: the words the context starts from",
+                                  default_text="the dataset template's words before the class name")
     batch_size: int = option(100, help="noisy copies per image-encoder forward (results do not depend on it)")
     n_bins: int = option(15, help="bins of ECE/MCE/ACE in metrics.json")
 
@@ -110,6 +121,14 @@ class CertifyRunConfig(RunConfigBase):
             raise ValueError(f"subset: expected a positive number of images, got {self.subset!r}")
         if not 0 < self.alpha < 0.5:
             raise ValueError(f"alpha: expected a level in (0, 0.5), got {self.alpha!r}")
+        if self.test_time is not None and self.test_time not in TEST_TIME:
+            raise ValueError(f"test_time: expected one of {', '.join(TEST_TIME)}, got {self.test_time!r}")
+        if self.test_time != "entropy+as" and self.as_weight != CertifyRunConfig.as_weight:
+            raise ValueError("--as-weight applies to --test-time entropy+as only")
+        if self.test_time is None and self.ctx_init is not None:
+            raise ValueError("--ctx-init applies to --test-time only")
+        if self.copies < 1:
+            raise ValueError(f"copies: expected a positive integer, got {self.copies!r}")
         if self.n_bins > MAX_BINS:
             raise ValueError(f"n_bins: expected an integer from 1 to {MAX_BINS:,}, got {self.n_bins!r}")
         if self.seed < 0:
@@ -137,29 +156,48 @@ class CertifyRunConfig(RunConfigBase):
         digest = hashlib.sha256(text.float().numpy().tobytes()).hexdigest()[:16]
         return text, str(record.get("method", "prompt")), digest
 
+    def context_words(self, test: Any) -> str:
+        """The words the test-time context starts from: ``ctx_init`` or the dataset template's
+        words before the class name ("An H&E image of" for Kather)."""
+        if self.ctx_init is not None:
+            return self.ctx_init
+        words = test.templates[0].split("{}")[0].strip()
+        return words or "a photo of a"
+
     def plan(self) -> Plan:
         self.validate()
         _, test = self.load_splits()
         backbone = cached_backbone(self.backbone, self.weights, self.device, self.precision)
-        text, base, digest = self._base_text(backbone, test)
+        learner = None
+        if self.test_time is None:
+            text, base, digest = self._base_text(backbone, test)
+        else:
+            learner, digest = initial_learner(backbone, list(test.classnames), self.prompt, self.context_words(test),
+                                              self.backbone, flag="--prompt")
+            text, base = None, ("prompt" if self.prompt else "zeroshot") + f"+{self.test_time}"
         store = FeatureStore(self.cache)
-        effective = {**{k: v for k, v in asdict(self).items() if k not in NON_EFFECTIVE},
+        skip = (*NON_EFFECTIVE, *(() if self.test_time else ("as_weight", "copies", "ctx_init", "test_time")),
+                *(() if self.test_time == "entropy+as" else ("as_weight",)))
+        effective = {**{k: v for k, v in asdict(self).items() if k not in skip},
                      "base": base, "prompt_digest": digest, **self.data_effective()}
+        if self.test_time:
+            effective["ctx_init"] = None if self.prompt else self.context_words(test)
         identity = RunIdentity(kind=self.kind, config=effective, data={"test": dataset_fingerprint(test, store)},
                                backbone=backbone.fingerprint, protocol_version=PROTOCOL_VERSION,
                                metrics_version=METRICS_VERSION, precision=self.precision,
                                device_kind=device_kind(self.device))
         defaults = {**{k: v for k, v in asdict(CertifyRunConfig(self.backbone, self.dataset, self.root)).items()
-                       if k not in NON_EFFECTIVE}, "base": base, "prompt_digest": digest}
+                       if k not in skip}, "base": base, "prompt_digest": digest}
         name = run_name([f"sigma{self.sigma:g}", f"seed{self.seed}"], effective, defaults, identity.run_id,
-                        skip=("method", "backbone", "dataset", "seed", "sigma", "base", "prompt_digest"))
+                        skip=("method", "backbone", "dataset", "seed", "sigma", "base", "prompt_digest", "test_time",
+                              "ctx_init"))
         method = f"certify-{base}"
         path = Path(slug(self.dataset)) / slug(self.backbone) / slug(method, limit=40) / name
         record = {"base_classifier": base, "prompt": self.prompt, "prompt_digest": digest,
                   **test_split_record(self, None, test)}
 
         def work(directory: RunDirectory) -> Outputs:
-            return _work(self, directory, backbone, test, text)
+            return _work(self, directory, backbone, test, text, learner)
 
         return Plan(identity, path, asdict(self), list(test.classnames), self.n_bins,
                     f"{self.backbone} / {self.dataset} / {method}, sigma {self.sigma:g}", work, record, method=method)
@@ -170,11 +208,14 @@ class CertifyRunConfig(RunConfigBase):
                          "`calibprompt certify` (or predict with the run given as --prompt)")
 
 
-def _work(config: CertifyRunConfig, directory: RunDirectory, backbone: Any, test: Any, text: torch.Tensor) -> Outputs:
+def _work(config: CertifyRunConfig, directory: RunDirectory, backbone: Any, test: Any, text: torch.Tensor | None,
+          learner: Any) -> Outputs:
     if config.subset is not None and config.subset < len(test):
         test = test.subset(stratified_subset(test.labels, config.subset), split=test.split)
     split = pixel_transform(backbone.image_transform())
-    classify = prompted_classifier(backbone, text)
+    classify = None if text is None else prompted_classifier(backbone, text)
+    initial_ctx = None if learner is None else learner.ctx.detach().clone()
+    step = TestTimeConfig(copies=config.copies, as_weight=config.as_weight if config.test_time == "entropy+as" else 0.0)
     c = test.num_classes
     parts = directory.path("parts")
     parts.mkdir(exist_ok=True)
@@ -199,8 +240,17 @@ def _work(config: CertifyRunConfig, directory: RunDirectory, backbone: Any, test
                     rows.append(np.full(6 + 3 * c, np.nan))
                     continue
                 resolution = list(pixels.shape)
+                key = file_hash(test.path(i))
+                if learner is not None:  # PromptSmooth's test-time step on this image's own noisy copies
+                    with torch.no_grad():
+                        copies = pixels[None] + noise(pixels.shape, config.seed, f"{key}|test-time", config.sigma,
+                                                      range(config.copies))
+                        feats = torch.cat([backbone.encode_images(split.normalize(copies[b:b + config.batch_size]))
+                                           for b in range(0, config.copies, config.batch_size)])
+                    classify = prompted_classifier(backbone, adapt_to_noisy_copies(
+                        learner, initial_ctx, feats, backbone.logit_scale, step))
                 with torch.no_grad():
-                    result = certify_image(classify, pixels, split.normalize, c, key=file_hash(test.path(i)),
+                    result = certify_image(classify, pixels, split.normalize, c, key=key,
                                            sigma=config.sigma, n0=config.n0, n=config.n, alpha=config.alpha,
                                            seed=config.seed, batch_size=config.batch_size)
                     clean = classify(split.normalize(pixels[None])).double().cpu().numpy()[0]
@@ -243,7 +293,9 @@ def _outputs(config: CertifyRunConfig, directory: RunDirectory, test: Any, done:
                        "coverage": float(answered.mean())},
         "clean_base_classifier": evaluate(clean, labels, n_bins=config.n_bins),
         "covers": ("the smoothed classifier g of a fixed prompt: a certificate at x holds for every x' with "
-                   "||x' - x||_2 < radius"),
+                   "||x' - x||_2 < radius" if config.test_time is None else
+                   "the smoothed classifier of the prompt tuned on x itself, around x -- not the map "
+                   "x' -> g_theta(x')(x'): a perturbed input would get another prompt"),
     }
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

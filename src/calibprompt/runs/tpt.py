@@ -264,14 +264,21 @@ def _learner_from_file(backbone: Any, path: Path, classnames: list[str]):
 
 
 def _initial_learner(backbone: Any, classnames: list[str], config: TPTRunConfig):
-    """The prompt every image starts from: ``ctx_init`` words, or a CoOp-tuned context (TPT + CoOp)
-    read from a run directory or its ``prompt.safetensors``. Returns (learner, digest of the prompt)."""
-    if config.init_prompt is None:
-        return PromptLearner(backbone, classnames, init="words", init_words=config.ctx_init), None
-    path = Path(config.init_prompt)
+    """The prompt every image starts from (see :func:`initial_learner`)."""
+    return initial_learner(backbone, classnames, config.init_prompt, config.ctx_init, config.backbone)
+
+
+def initial_learner(backbone: Any, classnames: list[str], init_prompt: str | None, ctx_init: str,
+                    backbone_name: str, flag: str = "--init-prompt"):
+    """The prompt a per-image test-time step starts from: ``ctx_init`` words, or a CoOp-tuned
+    context read from a run directory or its ``prompt.safetensors`` (``flag`` names the option in
+    errors). Returns (learner, digest of the prompt or None)."""
+    if init_prompt is None:
+        return PromptLearner(backbone, classnames, init="words", init_words=ctx_init), None
+    path = Path(init_prompt)
     tensor_file = path / "prompt.safetensors" if path.is_dir() else path
     if not tensor_file.is_file():
-        raise ValueError(f"--init-prompt {path}: expected a finished prompt-tuning run directory or its "
+        raise ValueError(f"{flag} {path}: expected a finished prompt-tuning run directory or its "
                          "prompt.safetensors")
     run_config = {}
     if (tensor_file.parent / "config.json").is_file():
@@ -279,18 +286,18 @@ def _initial_learner(backbone: Any, classnames: list[str], config: TPTRunConfig)
     try:
         ctx = load_file(str(tensor_file))["ctx"]
     except Exception as exc:
-        raise ValueError(f"--init-prompt {tensor_file}: not a calibprompt prompt file ({exc})") from exc
+        raise ValueError(f"{flag} {tensor_file}: not a calibprompt prompt file ({exc})") from exc
     if ctx.ndim != 2 or run_config.get("class_specific"):
-        raise ValueError(f"--init-prompt {tensor_file}: TPT needs one generic context (n_ctx, width); "
+        raise ValueError(f"{flag} {tensor_file}: a test-time step needs one generic context (n_ctx, width); "
                          f"got shape {tuple(ctx.shape)}")
-    if run_config.get("backbone") not in (None, config.backbone):
-        raise ValueError(f"--init-prompt {tensor_file}: tuned on backbone {run_config['backbone']!r}, "
-                         f"this run uses {config.backbone!r}")
+    if run_config.get("backbone") not in (None, backbone_name):
+        raise ValueError(f"{flag} {tensor_file}: tuned on backbone {run_config['backbone']!r}, "
+                         f"this run uses {backbone_name!r}")
     learner = PromptLearner(backbone, classnames, n_ctx=ctx.shape[0],
                             position=run_config.get("position", "end"))
     if learner.ctx.shape != ctx.shape:
-        raise ValueError(f"--init-prompt {tensor_file}: context of shape {tuple(ctx.shape)} does not fit "
-                         f"{config.backbone} (expected (n_ctx, {learner.ctx.shape[-1]}))")
+        raise ValueError(f"{flag} {tensor_file}: context of shape {tuple(ctx.shape)} does not fit "
+                         f"{backbone_name} (expected (n_ctx, {learner.ctx.shape[-1]}))")
     with torch.no_grad():
         learner.ctx.copy_(ctx)
     return learner, hashlib.sha256(ctx.float().numpy().tobytes()).hexdigest()[:16]
