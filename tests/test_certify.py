@@ -167,3 +167,44 @@ def test_a_test_time_certification_is_its_own_run_and_says_what_it_covers(demo_r
     same_certificates(again.directory, tuned.directory)  # reproducible
     with pytest.raises(ValueError, match="--as-weight applies to --test-time entropy\\+as only"):
         config(demo_root, tmp_path / "cache", test_time="entropy", as_weight=3.0).validate()
+
+
+def test_noisy_training_views_at_sigma_0_are_the_cached_training_views(demo_root, tmp_path):
+    """PromptSmooth's few-shot prompt trains on fresh noisy views; at noise 0 a view is exactly the
+    cached view bank's view of the same epoch, so the two procedures differ only by the noise."""
+    import torch
+
+    from calibprompt.backbones import load_backbone
+    from calibprompt.data import FeatureStore, load_dataset
+    from calibprompt.runs.prompt import NoisyViews
+
+    backbone = load_backbone("demo")
+    train = load_dataset("demo", demo_root, "train")
+    paths = train.paths[:3]
+    bank = FeatureStore(tmp_path / "cache").views(backbone, paths, 3, kind="train", aug_seed=1, num_workers=0,
+                                                   progress=False)
+    clean = NoisyViews(backbone, paths, (0.0,), seed=1)
+    for epoch in range(3):
+        assert torch.allclose(clean([0, 1, 2], epoch), bank.features[:, epoch], atol=1e-5)
+    noisy = NoisyViews(backbone, paths, (0.0, 0.5), seed=1)
+    levels = {noisy.level(i, e) for i in range(3) for e in range(20)}
+    assert levels == {0.0, 0.5}  # a level drawn per image and epoch
+    assert torch.equal(noisy([0, 1, 2], 4), noisy([0, 1, 2], 4))  # seeded
+    i, e = next((i, e) for i in range(3) for e in range(20) if noisy.level(i, e) == 0.5)
+    assert not torch.allclose(noisy([i], e), clean([i], e), atol=1e-3)
+
+
+def test_a_prompt_trained_on_noisy_views_is_its_own_run(demo_root, tmp_path):
+    common = {"backbone": "demo", "dataset": "demo", "root": str(demo_root), "cache": str(tmp_path / "cache"),
+              "workers": 0, "progress": False, "shots": 2, "epochs": 2, "val_per_class": 1, "method": "ce"}
+    plain = execute_run(PromptRunConfig(**common, views=2), tmp_path / "runs")
+    noisy = execute_run(PromptRunConfig(**common, noise_sigmas=(0.0, 0.25)), tmp_path / "runs")
+    identity = json.loads((noisy.directory / "config.json").read_text())["identity"]["config"]
+    assert identity["noise_sigmas"] == [0.0, 0.25] and "views" not in identity
+    assert noisy.directory != plain.directory and "noise0-0.25" in noisy.directory.name
+    tables = [json.loads((r.directory / "cache_tables.json").read_text()) for r in (plain, noisy)]
+    assert len(tables[0]) == len(tables[1]) + 2  # the plain run's 2 training-view tables; none for noisy views
+    with pytest.raises(ValueError, match="not zero-shot or full"):
+        PromptRunConfig(**{**common, "noise_sigmas": (0.1,), "regime": "full"}).validate()
+    with pytest.raises(ValueError, match="noise levels >= 0"):
+        PromptRunConfig(**{**common, "noise_sigmas": (-0.1,)}).validate()

@@ -70,6 +70,9 @@ def add_config_options(parser: argparse.ArgumentParser, config_class: type,
         elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_with_default(text, shown), **kwargs)
+        elif typing.get_origin(kind) is tuple:  # tuple[float, ...]: one or more values
+            parser.add_argument(flag, type=typing.get_args(kind)[0], nargs="+", default=f.default,
+                                help=help_with_default(text, shown), **kwargs)
         else:
             parser.add_argument(flag, type=kind, default=f.default, help=help_with_default(text, shown),
                                 required=f.name in set(required), **kwargs)
@@ -79,6 +82,7 @@ def config_from_args(config_class: type, args: argparse.Namespace, **fixed: Any)
     """The config of the parsed flags: every field that has a flag, ``progress`` from ``--quiet``,
     and ``fixed`` values (e.g. the method of ``zeroshot``)."""
     values = {f.name: getattr(args, f.name) for f in fields(config_class) if hasattr(args, f.name)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}  # nargs="+" fields
     if hasattr(args, "quiet"):
         values["progress"] = not args.quiet
     return config_class(**{**values, **fixed})

@@ -86,6 +86,7 @@ def train_prompt(
     on_epoch: Callable[[EpochLog, PromptLearner, torch.optim.Optimizer], None] | None = None,
     start_epoch: int = 0,
     optimizer_state: dict[str, Any] | None = None,
+    features_fn: Callable[[np.ndarray, int], torch.Tensor] | None = None,
 ) -> list[EpochLog]:
     """Tune ``learner.ctx`` on image features ``views`` (N, V, D) -- V augmented views of each
     image, as :meth:`calibprompt.data.FeatureStore.views` returns them; (N, D) is one view -- with
@@ -96,6 +97,10 @@ def train_prompt(
     context and ``optimizer_state`` from the end of the previous epoch) continues exactly as an
     uninterrupted run would. ``zs_text_features`` (C, D) give the zero-shot logits of the same
     image features for objectives that need them (ZS-Norm, Penalty).
+
+    ``features_fn(batch, epoch) -> (B, D)`` replaces the view bank with features computed when
+    they are needed (e.g. of fresh noisy views, which cannot be cached); ``views`` then only gives
+    N (its views are not used).
     """
     if views.ndim == 2:
         views = views[:, None]
@@ -125,7 +130,10 @@ def train_prompt(
         total, sums, correct, seen = 0.0, {}, 0, 0
         for batch in batches:
             index = torch.as_tensor(batch, device=device)
-            image = feats[index, torch.as_tensor(drawn[batch], device=device)]
+            if features_fn is None:
+                image = feats[index, torch.as_tensor(drawn[batch], device=device)]
+            else:
+                image = features_fn(batch, epoch).to(device, torch.float32)
             text = learner()
             logits = scale * image @ text.T
             inputs: dict[str, torch.Tensor] = {"logits": logits, "labels": labels[index],

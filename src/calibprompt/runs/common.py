@@ -87,7 +87,7 @@ class RunConfigBase:
             union = typing.get_origin(hint) in (typing.Union, types.UnionType)
             allowed = typing.get_args(hint) if union else (hint,)
             if not any(_is_a(value, a) for a in allowed):
-                names = " or ".join("None" if a is type(None) else a.__name__ for a in allowed)
+                names = " or ".join("None" if a is type(None) else getattr(a, "__name__", str(a)) for a in allowed)
                 raise ValueError(f"{f.name}: expected {names}, got {value!r}")
 
     def check_base_options(self) -> None:
@@ -175,6 +175,9 @@ def test_split_record(config: RunConfigBase, train: Dataset | None, test: Datase
 def _is_a(value: Any, kind: Any) -> bool:
     if kind is type(None):
         return value is None
+    if typing.get_origin(kind) is tuple:  # tuple[float, ...]: a list from a sweep file is fine too
+        element = typing.get_args(kind)[0]
+        return isinstance(value, (tuple, list)) and all(_is_a(v, element) for v in value)
     if isinstance(value, bool):
         return kind is bool
     if kind is float:

@@ -23,10 +23,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibprompt.data import DataError, FeatureStore, few_shot, validation_split
+from calibprompt.data.images import file_hash, open_image
+from calibprompt.data.views import train_view_transform, view_seed
 from calibprompt.files import atomic_path, slug, write_json
 from calibprompt.losses import LOSSES
 from calibprompt.methods import coop  # coop.train_prompt: one name for tests to patch
 from calibprompt.methods.coop import TrainConfig
+from calibprompt.methods.smoothing import noise, pixel_transform
 from calibprompt.methods.zeroshot import zeroshot_logits, zeroshot_text_features
 from calibprompt.metrics import METRICS_VERSION
 from calibprompt.metrics._validation import MAX_BINS
@@ -54,6 +57,8 @@ __all__ = ["PROTOCOL_VERSION", "PromptRunConfig", "RunConfig"]
 PROTOCOL_VERSION = 1
 #: Bumped when the full fine-tuning procedure changes its results (part of full runs' identity).
 FINETUNE_PROTOCOL_VERSION = 1
+#: Bumped when training on noisy views changes its results (part of those runs' identity).
+NOISE_PROTOCOL_VERSION = 1
 
 #: The warm-up learning rate of MedCLIP in the published framework (others: TrainConfig's).
 MEDCLIP_WARMUP_LR = 1e-3
@@ -103,6 +108,10 @@ class PromptRunConfig(RunConfigBase):
         None, help="learning rate of one constant warm-up epoch before the cosine schedule",
         default_text=f"prompt regime: {MEDCLIP_WARMUP_LR:g} for MedCLIP, else {TrainConfig.warmup_lr:g}; full regime: "
                      "no warm-up epoch (a value adds one)")
+    noise_sigmas: tuple[float, ...] | None = option(
+        None, help="PromptSmooth's few-shot prompt: train on views with Gaussian noise of a level drawn per image and "
+                   "step from these (0 = clean), in the [0, 1] pixel space; fresh noise every step (nothing cached)",
+        metavar="SIGMA", default_text="no noise")
     train_logit_scale: bool = option(False, help="full regime: train the logit scale too (frozen by default)")
     save_weights: bool = option(False, help="full regime: save the fine-tuned weights as weights.safetensors (the "
                                             "size of the model; needed to apply the run to new images)")
@@ -169,6 +178,12 @@ class PromptRunConfig(RunConfigBase):
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if self.regime not in REGIMES:
             raise ValueError(f"regime: expected one of {', '.join(REGIMES)}, got {self.regime!r}")
+        if self.noise_sigmas is not None:
+            if self.full or self.zero_shot:
+                raise ValueError("--noise-sigmas: noisy views train a prompt (--regime prompt), not zero-shot or full "
+                                 "fine-tuning")
+            if not self.noise_sigmas or any(not (v >= 0) for v in self.noise_sigmas):
+                raise ValueError(f"noise_sigmas: expected one or more noise levels >= 0, got {self.noise_sigmas!r}")
         if self.regime != "full" and (self.train_logit_scale or self.save_weights):
             raise ValueError("--train-logit-scale/--save-weights apply to --regime full only")
         if self.lr is not None and not self.lr >= 0:  # 0 is a valid (frozen) control
@@ -197,6 +212,10 @@ class PromptRunConfig(RunConfigBase):
             data.update(lr=train.lr, warmup_lr=train.warmup_lr, momentum=train.momentum,
                         weight_decay=train.weight_decay, warmup_epochs=train.warmup_epochs)
             data["objective"] = str(objective if objective is not None else self.objective())
+            if self.noise_sigmas is not None:  # fresh noisy views replace the cached view bank
+                data.pop("views", None)
+                data.update(noise_sigmas=sorted(float(v) for v in self.noise_sigmas),
+                            noise_protocol=NOISE_PROTOCOL_VERSION)
             if self.full:  # prompt runs keep the identities they had before the full regime existed
                 data.update(regime="full", train_logit_scale=self.train_logit_scale,
                             finetune_protocol=FINETUNE_PROTOCOL_VERSION)
@@ -236,6 +255,8 @@ class PromptRunConfig(RunConfigBase):
                                    regime=self.regime).effective(objective, default_val)
         head = [f"seed{self.seed}"] if self.zero_shot else [f"{self.shots}shot", f"seed{self.seed}"]
         head += [f"{k}{v:g}" for k, v in (("alpha", self.alpha), ("weight", self.weight)) if v is not None]
+        if self.noise_sigmas is not None:
+            head.append("noise" + "-".join(f"{v:g}" for v in sorted(self.noise_sigmas)))
         name = run_name(head, effective, defaults, identity.run_id,
                         skip=("method", "backbone", "dataset", "seed", "shots", "objective"))
         method = f"full-{self.method}" if self.full else self.method  # how reports name the row
@@ -261,6 +282,35 @@ class PromptRunConfig(RunConfigBase):
         feats = store.features(backbone, paths, num_workers=workers, progress=progress)
         logits = zeroshot_logits(feats.features, tensors["text_features"], float(tensors["logit_scale"]))
         return logits.double().cpu().numpy(), feats.index, feats.excluded
+
+
+class NoisyViews:
+    """Features of noisy training views (PromptSmooth's few-shot prompt): view ``epoch`` of image i
+    is the prompt-tuning crop under the seed of (image, epoch, run seed), in the [0, 1] pixel
+    space, plus Gaussian noise of a level drawn from ``sigmas`` per (image, epoch) and noise drawn
+    per (seed, image, level, epoch) -- then normalised and encoded by the frozen image tower."""
+
+    def __init__(self, backbone: Any, paths: list[Path], sigmas: tuple[float, ...], seed: int) -> None:
+        split = pixel_transform(train_view_transform(backbone.image_transform()))
+        self.backbone, self.split, self.sigmas, self.seed = backbone, split, tuple(float(v) for v in sigmas), seed
+        self.images = [open_image(p) for p in paths]
+        self.hashes = [file_hash(p) for p in paths]
+
+    def level(self, i: int, epoch: int) -> float:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 5, epoch, i]))
+        return self.sigmas[int(rng.integers(len(self.sigmas)))]
+
+    def __call__(self, batch: Any, epoch: int) -> torch.Tensor:
+        views = []
+        for i in [int(b) for b in batch]:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(self.hashes[i], epoch, self.seed))
+                pixels = self.split.to_pixels(self.images[i])
+            sigma = self.level(i, epoch)
+            if sigma > 0:
+                pixels = pixels + noise(pixels.shape, self.seed, f"{self.hashes[i]}|train", sigma, [epoch])[0]
+            views.append(self.split.normalize(pixels))
+        return self.backbone.encode_images(torch.stack(views))
 
 
 #: The name this config had before other kinds of runs existed (kept for users' scripts).
@@ -292,8 +342,14 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
         text = zs_text
     else:
         shot_set = shots.subset_of(train)
-        bank = store.views(backbone, shot_set.paths, config.views, kind="train", aug_seed=config.seed, **kw)
-        tables |= set(bank.tables)
+        features_fn = None
+        if config.noise_sigmas is None:
+            bank = store.views(backbone, shot_set.paths, config.views, kind="train", aug_seed=config.seed, **kw)
+            tables |= set(bank.tables)
+            features, bank_labels = bank.features, shot_set.labels[bank.index]
+        else:  # fresh noise every step: the views are encoded as training draws them
+            features_fn = NoisyViews(backbone, shot_set.paths, config.noise_sigmas, config.seed)
+            features, bank_labels = torch.zeros(len(shot_set), 1, backbone.embed_dim), shot_set.labels
         learner = PromptLearner(backbone, train.classnames, n_ctx=config.n_ctx, init=config.init,
                                 position=config.position, class_specific=config.class_specific,
                                 seed=config.seed)
@@ -321,9 +377,9 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
 
         with rate_progress(config.progress, rate_label="loss") as bar:  # one bar for the epochs
             task = bar.add_task(f"training {config.method}", total=config.epochs, completed=start_epoch, rate="-")
-            coop.train_prompt(learner, bank.features, torch.as_tensor(shot_set.labels[bank.index]), objective,
+            coop.train_prompt(learner, features, torch.as_tensor(bank_labels), objective,
                               config.train_config(), zs_text, on_epoch=on_epoch, start_epoch=start_epoch,
-                              optimizer_state=optimizer_state)
+                              optimizer_state=optimizer_state, features_fn=features_fn)
         with torch.no_grad():
             text = learner()
         with atomic_path(directory.path("prompt.safetensors")) as tmp:
