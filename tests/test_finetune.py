@@ -98,12 +98,11 @@ def test_lr_0_gives_the_zero_shot_predictions(demo_root, tmp_path):
 def test_a_large_lr_moves_weights_and_predictions_and_as_reaches_only_the_text_tower(demo_root):
     backbone = load_backbone("demo")
     from calibprompt.data import few_shot, load_dataset
-    from calibprompt.data.views import train_view_transform
-    from calibprompt.runs.finetune import _Views
+    from calibprompt.data.views import SeededViews, train_view_transform
 
     train = load_dataset("demo", demo_root, "train")
     shots = few_shot(train, 2, seed=1).subset_of(train)
-    views = _Views(shots.paths, train_view_transform(backbone.image_transform()), seed=1)
+    views = SeededViews(shots.paths, train_view_transform(backbone.image_transform()), seed=1)
     labels = torch.as_tensor(shots.labels)
     before = {n: p.detach().clone() for n, p in backbone.model.named_parameters()}
     for objective, moved in (("ce", {"visual", "transformer"}), ("as", {"transformer"})):

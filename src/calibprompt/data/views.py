@@ -40,6 +40,7 @@ def torchvision_transforms():
 __all__ = [
     "VIEW_KINDS",
     "AugMix",
+    "SeededViews",
     "tpt_view_transform",
     "train_view_transform",
     "view_seed",
@@ -174,3 +175,26 @@ def view_transform(kind: str, eval_transform: T.Compose, augmix: bool | None = N
     if kind == "test_time":
         return tpt_view_transform(eval_transform, augmix=True if augmix is None else augmix)
     raise ValueError(f"views: kind must be one of {VIEW_KINDS}, got {kind!r}")
+
+
+class SeededViews:
+    """Augmented views drawn as training needs them (when they cannot be cached): the images are
+    decoded once and kept in memory (few-shot sets are small); view ``epoch`` of image i is
+    ``transform`` run under the torch seed :func:`view_seed` (image hash, epoch, ``seed``) -- the
+    same seed the cached view bank gives its view ``epoch``."""
+
+    def __init__(self, paths: Sequence[Any], transform: Callable[[Any], torch.Tensor], seed: int) -> None:
+        from calibprompt.data.images import file_hash, open_image
+
+        self.images = [open_image(p) for p in paths]
+        self.hashes = [file_hash(p) for p in paths]
+        self.transform, self.seed = transform, int(seed)
+
+    def __call__(self, indices: Sequence[int], epoch: int) -> torch.Tensor:
+        """The views (B, ...) of images ``indices`` for ``epoch``."""
+        out = []
+        for i in indices:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(self.hashes[int(i)], epoch, self.seed))
+                out.append(self.transform(self.images[int(i)]))
+        return torch.stack(out)

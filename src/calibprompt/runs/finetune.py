@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibprompt.data import FeatureStore
-from calibprompt.data.images import file_hash, open_image
-from calibprompt.data.views import train_view_transform, view_seed
+from calibprompt.data.views import SeededViews, train_view_transform
 from calibprompt.files import atomic_path, write_json
 from calibprompt.methods.finetune import (
     finetune,
@@ -36,24 +35,6 @@ __all__ = ["WEIGHTS_FILE", "load_finetuned", "work_full"]
 
 #: The fine-tuned weights of a run made with ``save_weights`` (the name is fixed for scripts).
 WEIGHTS_FILE = "weights.safetensors"
-
-
-class _Views:
-    """Preprocessed views of the few-shot images: view ``epoch`` of image i runs the training
-    augmentation under the torch seed of (image content, epoch, run seed)."""
-
-    def __init__(self, paths: list[Path], transform: Any, seed: int) -> None:
-        self.images = [open_image(p) for p in paths]
-        self.hashes = [file_hash(p) for p in paths]
-        self.transform, self.seed = transform, seed
-
-    def __call__(self, indices: list[int], epoch: int) -> torch.Tensor:
-        out = []
-        for i in indices:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(view_seed(self.hashes[i], epoch, self.seed))
-                out.append(self.transform(self.images[i]))
-        return torch.stack(out)
 
 
 def load_finetuned(backbone: Any, directory: Path) -> Any:
@@ -79,7 +60,7 @@ def work_full(config: Any, directory: RunDirectory, backbone: Any, store: Featur
     train_config = config.train_config()
     model = trainable_copy(backbone, config.train_logit_scale)
     shot_set = shots.subset_of(train)
-    views = _Views(shot_set.paths, train_view_transform(backbone.image_transform()), config.seed)
+    views = SeededViews(shot_set.paths, train_view_transform(backbone.image_transform()), config.seed)
     labels = torch.as_tensor(shot_set.labels)
     prompts = train.prompts()
     needs_reference = "zs_logits" in objective.required_inputs

@@ -23,8 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibprompt.data import DataError, FeatureStore, few_shot, validation_split
-from calibprompt.data.images import file_hash, open_image
-from calibprompt.data.views import train_view_transform, view_seed
+from calibprompt.data.views import SeededViews, train_view_transform
 from calibprompt.files import atomic_path, slug, write_json
 from calibprompt.losses import LOSSES
 from calibprompt.methods import coop  # coop.train_prompt: one name for tests to patch
@@ -291,26 +290,22 @@ class NoisyViews:
     per (seed, image, level, epoch) -- then normalised and encoded by the frozen image tower."""
 
     def __init__(self, backbone: Any, paths: list[Path], sigmas: tuple[float, ...], seed: int) -> None:
-        split = pixel_transform(train_view_transform(backbone.image_transform()))
-        self.backbone, self.split, self.sigmas, self.seed = backbone, split, tuple(float(v) for v in sigmas), seed
-        self.images = [open_image(p) for p in paths]
-        self.hashes = [file_hash(p) for p in paths]
+        self.split = pixel_transform(train_view_transform(backbone.image_transform()))
+        self.views = SeededViews(paths, self.split.to_pixels, seed)  # the crops, in [0, 1] pixels
+        self.backbone, self.sigmas, self.seed = backbone, tuple(float(v) for v in sigmas), seed
 
     def level(self, i: int, epoch: int) -> float:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 5, epoch, i]))
         return self.sigmas[int(rng.integers(len(self.sigmas)))]
 
     def __call__(self, batch: Any, epoch: int) -> torch.Tensor:
-        views = []
-        for i in [int(b) for b in batch]:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(view_seed(self.hashes[i], epoch, self.seed))
-                pixels = self.split.to_pixels(self.images[i])
+        batch = [int(b) for b in batch]
+        pixels = self.views(batch, epoch)
+        for row, i in enumerate(batch):
             sigma = self.level(i, epoch)
             if sigma > 0:
-                pixels = pixels + noise(pixels.shape, self.seed, f"{self.hashes[i]}|train", sigma, [epoch])[0]
-            views.append(self.split.normalize(pixels))
-        return self.backbone.encode_images(torch.stack(views))
+                pixels[row] += noise(pixels.shape[1:], self.seed, f"{self.views.hashes[i]}|train", sigma, [epoch])[0]
+        return self.backbone.encode_images(self.split.normalize(pixels))
 
 
 #: The name this config had before other kinds of runs existed (kept for users' scripts).
