@@ -78,6 +78,13 @@ def test_pipeline_end_to_end(tmp_path):
     for name in ("report.md", "report.csv", "report.tex"):
         assert (tmp_path / name).is_file()
     assert len(list(tmp_path.glob("reliability_*.png"))) == 3
+    # the small certification: both PromptSmooth variants, numbers consistent with their own table
+    assert set(report.certification) == {"entropy", "entropy+as"}
+    for cert in report.certification.values():
+        acc = [cert["certified_accuracy"][k] for k in sorted(cert["certified_accuracy"], key=float)]
+        assert acc == sorted(acc, reverse=True) and acc[0] == pytest.approx(cert["smoothed_accuracy"])
+        assert cert["images"] == 16 and cert["n"] == 100
+    assert (tmp_path / "certified_accuracy.png").is_file()
     before = {p: p.read_bytes() for p in tmp_path.glob("report*")}
     # a second run reuses every finished run and writes the same report, byte for byte
     again = run_demo(tmp_path, seeds=(1, 2), epochs=3, progress=False, n_resamples=50)

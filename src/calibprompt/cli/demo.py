@@ -12,7 +12,7 @@ from rich.table import Table
 from calibprompt.cli.common import out_dir
 from calibprompt.cli.options import default_of, help_with_default
 from calibprompt.demo.calibration import run_calibration_demo
-from calibprompt.demo.pipeline import FULL_METHODS, run_demo
+from calibprompt.demo.pipeline import CERTIFY_VARIANTS, FULL_METHODS, run_demo
 
 #: Short names of the full fine-tuning rows (the table stays within 80 columns).
 FINETUNE_NAMES = {"ce": "CE", "calibprompt": "CalibPrompt"}
@@ -69,8 +69,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 else row.method.replace("tpt-", "test-time "))
             table.add_row(name + suffix, *cells)
     console.print(table)
+    for variant, cert in report.certification.items():
+        acc = cert["certified_accuracy"]
+        console.print(f"certified ({CERTIFY_VARIANTS[variant]}, {cert['images']} images, n = {cert['n']}, "
+                      f"σ = {cert['sigma']:g}): r=0 {100 * acc['0']:.0f}%, r=0.1 {100 * acc['0.1']:.0f}%, "
+                      f"r=0.25 {100 * acc['0.25']:.0f}%; abstained {100 * cert['abstention_rate']:.0f}%", soft_wrap=True)
     console.print(f"runs in {report.out_dir / 'runs'}; report.md, report.csv, report_per_class.csv, report.tex and "
-                  f"reliability diagrams in {report.out_dir}/ ({report.seconds:.0f} s)")
+                  f"reliability diagrams, certified_accuracy.png in {report.out_dir}/ ({report.seconds:.0f} s)")
     return 0
 
 
