@@ -208,3 +208,19 @@ def test_a_prompt_trained_on_noisy_views_is_its_own_run(demo_root, tmp_path):
         PromptRunConfig(**{**common, "noise_sigmas": (0.1,), "regime": "full"}).validate()
     with pytest.raises(ValueError, match="noise levels >= 0"):
         PromptRunConfig(**{**common, "noise_sigmas": (-0.1,)}).validate()
+
+
+def test_report_shows_certification_rows_with_their_columns(demo_root, tmp_path):
+    from calibprompt.runs import write_report
+
+    results = [execute_run(config(demo_root, tmp_path / "cache", sigma=s), tmp_path / "runs") for s in (0.1, 0.5)]
+    written = write_report(tmp_path / "runs", n_resamples=10)
+    text = written["markdown"].read_text()
+    section = text[text.index("## Certification"):]
+    for result in results:
+        cert = result.metrics["certification"]
+        line = next(li for li in section.splitlines() if li.startswith("| demo | demo |") and f"| {cert['sigma']:g} |" in li)
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[6] == f"{100 * cert['certified_accuracy']['0']:.1f}"
+        assert cells[10] == f"{100 * cert['abstention_rate']:.1f}"
+        assert cells[13] == f"{100 * cert['clean_base_classifier']['ece']:.1f}"

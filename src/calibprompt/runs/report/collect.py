@@ -135,6 +135,7 @@ class _Run:
     files: np.ndarray
     temperature: float | None
     held_out: dict[str, Any] | None = None  # config.json's test_split: a test set held out of the data
+    certification: dict[str, Any] | None = None  # metrics.json's certification (certify runs)
     _probs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def variants(self) -> list[str]:
@@ -211,7 +212,8 @@ def _load_run(directory: Path) -> _Run:
                 classnames=[str(c) for c in classnames], flat=_flatten(identity),
                 data_root=str(root) if root is not None else None, logits=logits,
                 labels=labels.astype(np.int64), files=files.astype(str), temperature=temperature,
-                held_out=record["test_split"] if isinstance(record.get("test_split"), dict) else None)
+                held_out=record["test_split"] if isinstance(record.get("test_split"), dict) else None,
+                certification=metrics.get("certification") if isinstance(metrics, dict) else None)
 
 
 def _flatten(identity: Mapping[str, Any]) -> dict[str, Any]:

@@ -251,6 +251,7 @@ def _markdown(s: _Summary, n_resamples: int, n_bins: int, baseline: str | None, 
         ([*_identifying(r, s.columns), VARIANT_LABELS[v], c["name"], _support(c["support"]),
           _class_cell(c["recall"], len(r.seeds)), _class_cell(c["classwise_ece"], len(r.seeds))]
          for r in s.rows for v in r.variants for c in r.per_class[v]))
+    lines += _certification_lines(s)
     binary = [(r, r.two_class) for r in s.rows if r.two_class]
     if binary:
         lines += ["", "### Two-class tasks: sensitivity and specificity", "",
@@ -430,3 +431,43 @@ def _published_markdown(lines: list[dict[str, Any]], n_bins: int) -> str:
 
 def _published_csv(lines: list[dict[str, Any]]) -> str:
     return _csv(_PUBLISHED_COLUMNS, ([r[k] for k in _PUBLISHED_COLUMNS] for r in lines))
+
+
+#: Radii of the certification table (a subset of those in metrics.json).
+_CERT_RADII = ("0", "0.25", "0.5", "1")
+
+
+def _certification_rows(s: _Summary) -> list[list[Any]]:
+    """One line per certification row: σ, images, n, certified accuracy at :data:`_CERT_RADII`,
+    abstention, smoothed accuracy, ECE of the vote share and of the clean base classifier (mean
+    over the row's seeds, in %)."""
+    out = []
+    for row, group in zip(s.rows, s.groups, strict=True):
+        certs = [r.certification for r in group.runs if r.certification]
+        if not certs:
+            continue
+
+        def mean(get: Any, certs: list[dict[str, Any]] = certs) -> float:
+            values = [v for v in (get(c) for c in certs) if v is not None]
+            return 100 * float(np.mean(values)) if values else float("nan")
+
+        out.append([row.backbone, row.dataset, row.method, f"{certs[0]['sigma']:g}", certs[0]["images"], certs[0]["n"],
+                    *(mean(lambda c, r=r: c["certified_accuracy"].get(r)) for r in _CERT_RADII),
+                    mean(lambda c: c["abstention_rate"]), mean(lambda c: c["smoothed_accuracy"]),
+                    mean(lambda c: c["vote_share"]["all"]["ece"]), mean(lambda c: c["clean_base_classifier"]["ece"])])
+    return out
+
+
+def _certification_lines(s: _Summary) -> list[str]:
+    rows = _certification_rows(s)
+    if not rows:
+        return []
+    header = ["backbone", "dataset", "method", "σ", "images", "n", *(f"cert. acc. r={r} %" for r in _CERT_RADII),
+              "abstained %", "smoothed acc %", "vote-share ECE %", "clean ECE %"]
+    lines = ["", "## Certification (randomized smoothing)", "",
+             "Certified accuracy at L2 radius r in the [0, 1] pixel space (correct and certified radius ≥ r; "
+             "abstentions count as wrong), mean over seeds. The results table above measures these rows' smoothed "
+             "probabilities (the mean softmax over the noise). Every radius is in `metrics.json` and each image "
+             "in `certification.csv`.", ""]
+    lines += _md_table(header, ([*r[:6], *(f"{v:.1f}" for v in r[6:])] for r in rows))
+    return lines
