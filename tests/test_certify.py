@@ -224,3 +224,18 @@ def test_report_shows_certification_rows_with_their_columns(demo_root, tmp_path)
         assert cells[6] == f"{100 * cert['certified_accuracy']['0']:.1f}"
         assert cells[10] == f"{100 * cert['abstention_rate']:.1f}"
         assert cells[13] == f"{100 * cert['clean_base_classifier']['ece']:.1f}"
+
+
+def test_certify_runs_on_a_random_weight_plip_architecture_model(checkpoints, tmp_path):
+    """The PLIP path (a transformers CLIPModel on disk, random weights) on generated Kather data."""
+    from calibprompt.data.synthetic import make_dataset_tree
+
+    make_dataset_tree(tmp_path / "data", "kather", per_class=[2] * 9, seed=3)
+    argv = ["certify", "--backbone", checkpoints.name("plip"), "--weights", str(checkpoints["plip"]), "--dataset",
+            "kather", "--root", str(tmp_path / "data"), "--sigma", "0.25", "--n0", "5", "--n", "20", "--subset", "9",
+            "--test-time", "entropy+as", "--copies", "4", "--cache", str(tmp_path / "cache"), "--workers", "0",
+            "--quiet", "--out", str(tmp_path / "runs")]
+    assert main(argv) == 0
+    table = rows(next((tmp_path / "runs").rglob("certification.csv")).parent)
+    assert len(table) == 9 and all(int(r["n"]) == 20 for r in table)
+    assert {int(r["label"]) for r in table} == set(range(9))  # the stratified subset covers every class
