@@ -4,6 +4,8 @@ known in closed form."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -42,6 +44,11 @@ def test_certify_radius_abstention_and_the_largest_certifiable_radius():
     assert c.candidate == 0 and c.n_a == 30 and c.prediction == ABSTAIN and c.radius == 0.0
     # p_lower just below 1/2 abstains, just above certifies a tiny radius
     assert certify(np.array([1, 0]), np.array([500, 500]), 1.0, 0.001).prediction == ABSTAIN
+    # independent of the quantile function: the radius maps back to p_lower through the normal CDF
+    for n_a in (600, 800, 990):
+        c = certify(np.array([0, 5]), np.array([1000 - n_a, n_a]), sigma=0.7, alpha=0.001)
+        assert norm.cdf(c.radius / 0.7) == pytest.approx(c.p_lower, abs=1e-12)
+        assert 1 - 0.5 * math.erfc(c.radius / 0.7 / math.sqrt(2)) == pytest.approx(c.p_lower, abs=1e-12)
     every = certify(np.array([10, 0]), np.array([10_000, 0]), sigma=1.0, alpha=0.001)
     assert every.radius == pytest.approx(max_certifiable_radius(1.0, 10_000, 0.001))
     assert max_certifiable_radius(1.0, 10_000, 0.001) == pytest.approx(3.20, abs=0.01)

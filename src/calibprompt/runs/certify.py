@@ -4,8 +4,8 @@ The base classifier is the backbone with class text features computed once: the 
 zero-shot prompts, or the learned prompt of a finished prompt-tuning run (``prompt``). Each test
 image of a seeded, class-stratified subset is certified with :func:`calibprompt.methods.smoothing.
 certify_image` (``n0`` selection then ``n`` estimation draws of noise in the [0, 1] pixel space at
-the backbone's input resolution); images are independent and checkpointed in groups, so an
-interrupted run resumes after its last finished group.
+the backbone's input resolution); images are independent and checkpointed one by one, so an
+interrupted run resumes after its last finished image.
 
 Files besides the common ones: ``certification.csv`` (one row per image: ``image, label, sigma,
 prediction`` (−1 = abstain), ``n_a, n, p_lower, radius``, then the mean softmax over the noise per
