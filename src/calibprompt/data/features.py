@@ -362,21 +362,33 @@ class FeatureStore:
         self, backbone: Any, paths: Sequence[str | os.PathLike[str]], views: int, transform: Any,
         aug_seed: int, **kw: Any,
     ) -> FeatureResult:
-        """The ``kind="train"`` views: one table (and one encoding pass) per view, under one
-        progress bar for the phase (views x images)."""
-        with rate_progress(kw["progress"]) as bar:
-            phase = _Phase(bar, f"encoding {backbone.name} {views} training views", views * len(paths))
-            results = [self._one_table(backbone, paths, transform, v, aug_seed, **kw, phase=phase)
-                       for v in range(views)]
-        index = sorted(set.intersection(*(set(r.index) for r in results)))
-        rows = [{i: row for row, i in enumerate(r.index)} for r in results]
-        stacked = torch.stack([r.features[[m[i] for i in index]] for r, m in zip(results, rows, strict=True)],
-                              dim=1)
-        excluded = list(dict.fromkeys(e for r in results for e in r.excluded))
-        return FeatureResult(stacked, index, [results[0].hashes[rows[0][i]] for i in index],
-                             excluded, encoded=sum(r.encoded for r in results),
-                             reused=sum(r.reused for r in results),
-                             tables=[t for r in results for t in r.tables])
+        """The ``kind="train"`` views: one cache table per view, filled in one pass in which each
+        image is hashed and decoded once and all its missing views derived from it (view v under
+        its own seed, so the features equal a per-view extraction's), under one progress bar."""
+        paths = [Path(p) for p in paths]
+        if not paths:
+            raise DataError("features: no image paths given")
+        hashes = self.hashes(paths)
+        tables = [self._table(self._table_key(backbone, transform, v, aug_seed)) for v in range(views)]
+        unique = list(dict.fromkeys(hashes))
+        missing = [h for h in unique if any(h not in t.rows for t in tables)]
+        bad: dict[str, str] = {}
+        encoded = 0
+        if missing:
+            first = {h: i for i, h in reversed(list(enumerate(hashes)))}
+            seeds = [[view_seed(h, v, aug_seed) for v in range(views)] for h in missing]
+            encoded, bad = self._extract(backbone, tables, [paths[first[h]] for h in missing], missing, transform,
+                                         seeds, kw["batch_size"], kw["num_workers"], kw["strict"], kw["progress"],
+                                         label=f"{backbone.name} {views} training views")
+        index = [i for i, h in enumerate(hashes) if all(h in t.rows for t in tables)]
+        excluded = [(str(paths[i]), bad.get(h, "no features")) for i, h in enumerate(hashes) if i not in set(index)]
+        try:
+            stacked = (torch.stack([t.gather([hashes[i] for i in index]) for t in tables], dim=1) if index
+                       else torch.empty(0, views, backbone.embed_dim))
+        except _StaleShard:
+            return self._train_views(backbone, paths, views, transform, aug_seed, **kw)
+        return FeatureResult(stacked, index, [hashes[i] for i in index], excluded, encoded=encoded * views,
+                             reused=(len(unique) - len(missing)) * views, tables=[str(t.dir) for t in tables])
 
     def _test_time_views(
         self, backbone: Any, paths: Sequence[str | os.PathLike[str]], views: int, transform: Any,
