@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["metrics", "text_encoder", "feature_cache", "sweep", "tpt", "finetune", "certify"]
+BENCHMARKS = ["metrics", "text_encoder", "feature_cache", "sweep", "tpt", "finetune", "certify", "step"]
 
 if __name__ == "__main__":
     names = sys.argv[1:] or BENCHMARKS
