@@ -150,6 +150,11 @@ def test_predict_needs_saved_weights_and_then_reproduces_the_run(demo_root, tmp_
     assert not (without.directory / "weights.safetensors").exists()
     with pytest.raises(ValueError, match="did not save its weights"):
         load_run(without.directory).predict([demo_root / "demo" / "images" / "test"], progress=False)
+    from calibprompt.runs import TPTRunConfig
+
+    with pytest.raises(ValueError, match="a full fine-tuning run has no prompt"):
+        execute_run(TPTRunConfig("demo", "demo", str(demo_root), method="tpt", init_prompt=str(without.directory),
+                                 cache=str(tmp_path / "cache"), workers=0, progress=False), tmp_path / "runs")
     saved = execute_run(config(demo_root, tmp_path / "cache", lr=0.02, save_weights=True), tmp_path / "runs")
     preds = np.load(saved.directory / "predictions.npz")
     out = load_run(saved.directory).predict([demo_root / "demo" / "images" / "test"], progress=False)

@@ -277,6 +277,9 @@ def initial_learner(backbone: Any, classnames: list[str], init_prompt: str | Non
         return PromptLearner(backbone, classnames, init="words", init_words=ctx_init), None
     path = Path(init_prompt)
     tensor_file = path / "prompt.safetensors" if path.is_dir() else path
+    record_file = (path if path.is_dir() else path.parent) / "config.json"
+    if record_file.is_file() and json.loads(record_file.read_text()).get("regime") == "full":
+        raise ValueError(f"{flag} {path}: a full fine-tuning run has no prompt to start from; pass a prompt-tuning run")
     if not tensor_file.is_file():
         raise ValueError(f"{flag} {path}: expected a finished prompt-tuning run directory or its "
                          "prompt.safetensors")
