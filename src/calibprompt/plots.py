@@ -10,7 +10,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -153,15 +153,7 @@ def plot_risk_coverage(
         ax.plot(coverage, risk, linewidth=1.4, label=f"{name} (AURC {100 * risk.mean():.2f}%)")
     ax.set_xlim(0, 1)
     ax.set_ylim(bottom=0)
-    ax.set_xlabel("coverage")
-    ax.set_ylabel("risk (error rate among kept)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, frameon=False)
-    if title:
-        ax.set_title(title, fontsize=9)
-    if path is not None:
-        save_figure(fig, path)
-    return fig
+    return _finish_curves(fig, ax, "coverage", "risk (error rate among kept)", title, path)
 
 
 def plot_certified_accuracy(
@@ -179,8 +171,14 @@ def plot_certified_accuracy(
     for name, (radii, accuracy) in curves.items():
         ax.step(np.asarray(radii), 100 * np.asarray(accuracy), where="post", linewidth=1.4, label=name)
     ax.set_ylim(0, 100)
-    ax.set_xlabel("L2 radius (pixel space [0, 1])")
-    ax.set_ylabel("certified accuracy (%)")
+    return _finish_curves(fig, ax, "L2 radius (pixel space [0, 1])", "certified accuracy (%)", title, path)
+
+
+def _finish_curves(fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str | None,
+                   path: str | os.PathLike[str] | None) -> Figure:
+    """Labels, grid, legend and title of a figure of named curves; saved when ``path`` is given."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, frameon=False)
     if title:

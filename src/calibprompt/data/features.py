@@ -381,7 +381,8 @@ class FeatureStore:
                                          seeds, kw["batch_size"], kw["num_workers"], kw["strict"], kw["progress"],
                                          label=f"{backbone.name} {views} training views")
         index = [i for i, h in enumerate(hashes) if all(h in t.rows for t in tables)]
-        excluded = [(str(paths[i]), bad.get(h, "no features")) for i, h in enumerate(hashes) if i not in set(index)]
+        present = set(index)
+        excluded = [(str(paths[i]), bad.get(h, "no features")) for i, h in enumerate(hashes) if i not in present]
         try:
             stacked = (torch.stack([t.gather([hashes[i] for i in index]) for t in tables], dim=1) if index
                        else torch.empty(0, views, backbone.embed_dim))

@@ -21,7 +21,7 @@ import torch
 from calibprompt.objective import Objective
 from calibprompt.prompts import PromptLearner
 
-__all__ = ["EpochLog", "TrainConfig", "coop_lr", "epoch_batches", "steps_per_epoch", "train_prompt"]
+__all__ = ["EpochLog", "EpochTally", "TrainConfig", "coop_lr", "epoch_batches", "steps_per_epoch", "train_prompt"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,34 @@ class EpochLog:
     accuracy: float = 0.0
 
 
+class EpochTally:
+    """One epoch's optimisation steps and their running log: :meth:`step` applies the objective
+    to a batch and takes the optimizer step; :meth:`log` averages the loss, its terms and the
+    training accuracy over the epoch's batches (shared by prompt tuning and full fine-tuning)."""
+
+    def __init__(self, objective: Objective, optimizer: torch.optim.Optimizer) -> None:
+        self.objective, self.optimizer = objective, optimizer
+        self.total, self.sums, self.correct, self.seen, self.batches = 0.0, {}, 0, 0, 0
+
+    def step(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Loss of the objective on ``inputs`` (logits, labels, ... -- the ones it needs), backward,
+        optimizer step, and the batch added to the tally."""
+        result = self.objective(**{k: v for k, v in inputs.items() if k in self.objective.required_inputs})
+        self.optimizer.zero_grad(set_to_none=True)
+        result.total.backward()
+        self.optimizer.step()
+        self.total += float(result.total.detach())
+        for key, value in result.terms.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.correct += int((inputs["logits"].argmax(1) == inputs["labels"]).sum())
+        self.seen += int(inputs["labels"].shape[0])
+        self.batches += 1
+
+    def log(self, epoch: int, lr: float) -> EpochLog:
+        return EpochLog(epoch, lr, self.total / self.batches, {k: v / self.batches for k, v in self.sums.items()},
+                        self.correct / self.seen)
+
+
 def train_prompt(
     learner: PromptLearner,
     views: torch.Tensor,
@@ -127,7 +155,7 @@ def train_prompt(
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, 3, epoch]))
         drawn = rng.integers(0, n_views, size=n)  # the view of each image this epoch
         batches = epoch_batches(n, config.batch_size, rng)
-        total, sums, correct, seen = 0.0, {}, 0, 0
+        tally = EpochTally(objective, optimizer)
         for batch in batches:
             index = torch.as_tensor(batch, device=device)
             if features_fn is None:
@@ -140,17 +168,8 @@ def train_prompt(
                                                "text_features": text}
             if needs_zs:
                 inputs["zs_logits"] = (scale * image @ zs_text.T).detach()
-            result = objective(**{k: v for k, v in inputs.items() if k in objective.required_inputs})
-            optimizer.zero_grad(set_to_none=True)
-            result.total.backward()
-            optimizer.step()
-            total += float(result.total.detach())
-            for key, value in result.terms.items():
-                sums[key] = sums.get(key, 0.0) + value
-            correct += int((logits.argmax(1) == labels[index]).sum())
-            seen += len(batch)
-        log = EpochLog(epoch, lr, total / len(batches), {k: v / len(batches) for k, v in sums.items()},
-                       correct / seen)
+            tally.step(inputs)
+        log = tally.log(epoch, lr)
         logs.append(log)
         if on_epoch is not None:
             on_epoch(log, learner, optimizer)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibprompt.methods.coop import EpochLog, TrainConfig, coop_lr, epoch_batches
+from calibprompt.methods.coop import EpochLog, EpochTally, TrainConfig, coop_lr, epoch_batches
 from calibprompt.objective import Objective
 
 __all__ = [
@@ -173,7 +173,7 @@ def _finetune(model: Any, views: Callable[[Sequence[int], int], torch.Tensor], l
             group["lr"] = lr
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, 3, epoch]))
         batches = epoch_batches(n, config.batch_size, rng)
-        total, sums, correct, seen = 0.0, {}, 0, 0
+        tally = EpochTally(objective, optimizer)
         for batch in batches:
             pixels = views(batch.tolist(), epoch)
             image, text = _features(model, pixels, tokens)
@@ -184,17 +184,8 @@ def _finetune(model: Any, views: Callable[[Sequence[int], int], torch.Tensor], l
             if needs_zs:
                 with torch.no_grad():
                     inputs["zs_logits"] = reference.logit_scale * reference.encode_images(pixels).float() @ zs_text.T
-            result = objective(**{k: v for k, v in inputs.items() if k in objective.required_inputs})
-            optimizer.zero_grad(set_to_none=True)
-            result.total.backward()
-            optimizer.step()
-            total += float(result.total.detach())
-            for key, value in result.terms.items():
-                sums[key] = sums.get(key, 0.0) + value
-            correct += int((logits.argmax(1) == labels[index]).sum())
-            seen += len(batch)
-        log = EpochLog(epoch, lr, total / len(batches), {k: v / len(batches) for k, v in sums.items()},
-                       correct / seen)
+            tally.step(inputs)
+        log = tally.log(epoch, lr)
         logs.append(log)
         if on_epoch is not None:
             on_epoch(log, optimizer)

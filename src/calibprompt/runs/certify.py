@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from calibprompt.data import FeatureStore
-from calibprompt.data.images import file_hash, open_image
+from calibprompt.data.images import open_image
 from calibprompt.files import slug, write_text
 from calibprompt.methods.promptsmooth import TestTimeConfig, adapt_to_noisy_copies
 from calibprompt.methods.smoothing import (
@@ -197,7 +197,7 @@ class CertifyRunConfig(RunConfigBase):
                   **test_split_record(self, None, test)}
 
         def work(directory: RunDirectory) -> Outputs:
-            return _work(self, directory, backbone, test, text, learner)
+            return _work(self, directory, backbone, store, test, text, learner)
 
         return Plan(identity, path, asdict(self), list(test.classnames), self.n_bins,
                     f"{self.backbone} / {self.dataset} / {method}, sigma {self.sigma:g}", work, record, method=method)
@@ -208,10 +208,11 @@ class CertifyRunConfig(RunConfigBase):
                          "`calibprompt certify` (or predict with the run given as --prompt)")
 
 
-def _work(config: CertifyRunConfig, directory: RunDirectory, backbone: Any, test: Any, text: torch.Tensor | None,
-          learner: Any) -> Outputs:
+def _work(config: CertifyRunConfig, directory: RunDirectory, backbone: Any, store: FeatureStore, test: Any,
+          text: torch.Tensor | None, learner: Any) -> Outputs:
     if config.subset is not None and config.subset < len(test):
         test = test.subset(stratified_subset(test.labels, config.subset), split=test.split)
+    keys = store.hashes(test.paths)  # content hashes, memoised when the run was identified
     split = pixel_transform(backbone.image_transform())
     classify = None if text is None else prompted_classifier(backbone, text)
     initial_ctx = None if learner is None else learner.ctx.detach().clone()
@@ -240,7 +241,7 @@ def _work(config: CertifyRunConfig, directory: RunDirectory, backbone: Any, test
                     rows.append(np.full(6 + 3 * c, np.nan))
                     continue
                 resolution = list(pixels.shape)
-                key = file_hash(test.path(i))
+                key = keys[i]
                 if learner is not None:  # PromptSmooth's test-time step on this image's own noisy copies
                     with torch.no_grad():
                         copies = pixels[None] + noise(pixels.shape, config.seed, f"{key}|test-time", config.sigma,

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from calibprompt import __version__
 from calibprompt.backbones import list_backbones, load_backbone
@@ -26,6 +27,8 @@ from calibprompt.data import (
     load_train_test,
 )
 from calibprompt.data.splits import HOLDOUT_SEED
+from calibprompt.files import atomic_path, write_json
+from calibprompt.methods.zeroshot import zeroshot_logits
 from calibprompt.runs.directory import RunDirectory
 from calibprompt.runs.identity import RunIdentity, data_fingerprint
 
@@ -34,6 +37,7 @@ __all__ = [
     "Plan",
     "RunConfigBase",
     "cached_backbone",
+    "classifier_outputs",
     "dataset_fingerprint",
     "device_kind",
     "option",
@@ -221,6 +225,29 @@ class Plan:
     #: files a finished run must hold to be reused (e.g. weights asked for by a later call);
     #: a finished run without them is redone
     required_files: tuple[str, ...] = ()
+
+
+def classifier_outputs(directory: RunDirectory, text: torch.Tensor, scale: float, test: Dataset, test_feats: Any,
+                       val_set: Dataset, val_feats: Any, tables: set[str], manifests: Sequence[Any],
+                       logs: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Outputs:
+    """The end of a run that classifies with class text features ``text`` (C, D): writes
+    ``classifier.safetensors`` (what :meth:`Run.predict` applies) and ``cache_tables.json``, and
+    returns the logits ``s · F · Tᵀ`` of the test and validation features as :class:`Outputs`,
+    with the images the split draws (``manifests``) left out."""
+    text = text.detach().float().cpu().contiguous()
+    with atomic_path(directory.path("classifier.safetensors")) as tmp:
+        save_file({"text_features": text, "logit_scale": torch.tensor(float(scale))}, str(tmp))
+    write_json(directory.path("cache_tables.json"), sorted(tables))
+    test_logits = zeroshot_logits(test_feats.features, text, scale).double().cpu().numpy()
+    val_logits = zeroshot_logits(val_feats.features, text, scale).double().cpu().numpy()
+    excluded_train = [[e["file"], e["reason"]] for m in manifests if m is not None for e in m.excluded]
+    return Outputs(
+        test_logits=test_logits, test_labels=test.labels[test_feats.index],
+        test_files=[test.files[i] for i in test_feats.index],
+        val_logits=val_logits, val_labels=val_set.labels[val_feats.index],
+        val_files=[val_set.files[i] for i in val_feats.index],
+        excluded=list(test_feats.excluded), logs=logs,
+        extra={"excluded_train_images": excluded_train, **(extra or {})})
 
 
 _BACKBONES: dict[tuple, Any] = {}

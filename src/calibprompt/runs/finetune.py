@@ -26,9 +26,8 @@ from calibprompt.methods.finetune import (
     train_mode_record,
     trainable_copy,
 )
-from calibprompt.methods.zeroshot import zeroshot_logits
 from calibprompt.progress import rate_progress
-from calibprompt.runs.common import Outputs
+from calibprompt.runs.common import Outputs, classifier_outputs
 from calibprompt.runs.directory import RunDirectory
 
 __all__ = ["WEIGHTS_FILE", "load_finetuned", "work_full"]
@@ -110,21 +109,11 @@ def work_full(config: Any, directory: RunDirectory, backbone: Any, store: Featur
         with atomic_path(directory.path(WEIGHTS_FILE)) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}, str(tmp))
     with torch.no_grad():
-        text = model.encode_texts(prompts).float().cpu().contiguous()
-    with atomic_path(directory.path("classifier.safetensors")) as tmp:
-        save_file({"text_features": text, "logit_scale": torch.tensor(float(model.logit_scale))}, str(tmp))
+        text = model.encode_texts(prompts)
     test_feats = store.features(model, test.paths, **kw)
     config.check_readable(test_feats.excluded, f"the test split ({test.root})")
     val_set = val.subset_of(train)
     val_feats = store.features(model, val_set.paths, **kw)
-    write_json(directory.path("cache_tables.json"), sorted({*test_feats.tables, *val_feats.tables}))
-    test_logits = zeroshot_logits(test_feats.features, text, model.logit_scale).double().cpu().numpy()
-    val_logits = zeroshot_logits(val_feats.features, text, model.logit_scale).double().cpu().numpy()
-    return Outputs(
-        test_logits=test_logits, test_labels=test.labels[test_feats.index],
-        test_files=[test.files[i] for i in test_feats.index],
-        val_logits=val_logits, val_labels=val_set.labels[val_feats.index],
-        val_files=[val_set.files[i] for i in val_feats.index],
-        excluded=list(test_feats.excluded), logs=logs,
-        extra={"excluded_train_images": [[e["file"], e["reason"]] for m in (shots, val) for e in m.excluded],
-               "frozen_off_path": len(result.frozen)})
+    return classifier_outputs(directory, text, model.logit_scale, test, test_feats, val_set, val_feats,
+                              {*test_feats.tables, *val_feats.tables}, (shots, val), logs,
+                              extra={"frozen_off_path": len(result.frozen)})

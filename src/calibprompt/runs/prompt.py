@@ -41,6 +41,7 @@ from calibprompt.runs.common import (
     Plan,
     RunConfigBase,
     cached_backbone,
+    classifier_outputs,
     dataset_fingerprint,
     device_kind,
     option,
@@ -380,18 +381,5 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
         with atomic_path(directory.path("prompt.safetensors")) as tmp:
             save_file({"ctx": learner.ctx.detach().cpu().contiguous()}, str(tmp))
         write_json(directory.path("log.json"), logs)
-    text = text.detach().float().cpu().contiguous()
-    with atomic_path(directory.path("classifier.safetensors")) as tmp:
-        save_file({"text_features": text, "logit_scale": torch.tensor(float(backbone.logit_scale))}, str(tmp))
-    write_json(directory.path("cache_tables.json"), sorted(tables))
-
-    test_logits = zeroshot_logits(test_feats.features, text, backbone.logit_scale).double().cpu().numpy()
-    val_logits = zeroshot_logits(val_feats.features, text, backbone.logit_scale).double().cpu().numpy()
-    return Outputs(
-        test_logits=test_logits, test_labels=test.labels[test_feats.index],
-        test_files=[test.files[i] for i in test_feats.index],
-        val_logits=val_logits, val_labels=val_set.labels[val_feats.index],
-        val_files=[val_set.files[i] for i in val_feats.index],
-        excluded=list(test_feats.excluded), logs=logs,
-        extra={"excluded_train_images": [[e["file"], e["reason"]] for m in (shots, val) if m is not None
-                                          for e in m.excluded]})
+    return classifier_outputs(directory, text, backbone.logit_scale, test, test_feats, val_set, val_feats, tables,
+                              (shots, val), logs)
