@@ -218,6 +218,32 @@ def test_shared_prefix_is_exact(backbones, case):
     assert torch.allclose(shared.ctx.grad, plain.ctx.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("case", ["quiltnet", "biomedclip"])
+def test_contexts_features_batch_equals_each_context_alone(backbones, case):
+    """B contexts in one pass (lockstep runs, batched TPT) = each context through its own learner;
+    on a causal tower through the batched shared prefix, on BERT through full prompts; gradients
+    reach each context as if alone."""
+    b = backbones[case]
+    learner = PromptLearner(b, CLASSES, n_ctx=5, seed=2, shared_prefix=True)
+    assert learner.shares_prefix and (case == "quiltnet") == (b.encode_shared_prefix(
+        torch.zeros(3, 6, learner.ctx.shape[-1]), learner.base_embeddings[:, 6:], learner.batch) is not None)
+    ctx = torch.stack([PromptLearner(b, CLASSES, n_ctx=5, seed=s).ctx.detach() for s in (3, 4, 5)]).requires_grad_()
+    together = learner.contexts_features(ctx)
+    assert together.shape == (3, len(CLASSES), b.embed_dim)
+    weights = torch.randn(together.shape, generator=torch.Generator().manual_seed(0))
+    (together * weights).sum().backward()
+    for i in range(3):
+        alone = PromptLearner(b, CLASSES, n_ctx=5, seed=2, shared_prefix=False)
+        with torch.no_grad():
+            alone.ctx.copy_(ctx[i])
+        features = alone()
+        assert (features - together[i]).abs().max().item() <= 1e-5
+        (features * weights[i]).sum().backward()
+        assert torch.allclose(alone.ctx.grad, ctx.grad[i], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="contexts"):
+        learner.contexts_features(ctx[0])
+
+
 def test_shared_prefix_is_not_used_where_it_would_be_wrong(backbones):
     assert not PromptLearner(backbones["quiltnet"], CLASSES, n_ctx=4, position="front").shares_prefix
     assert not PromptLearner(backbones["quiltnet"], CLASSES, n_ctx=4, class_specific=True).shares_prefix

@@ -14,7 +14,6 @@ from calibprompt.methods.tpt import (
     _image_losses,
     _shared_first_gradient,
     confident_views,
-    contexts_text_features,
     tpt_adapt,
 )
 from calibprompt.prompts import PromptLearner
@@ -43,7 +42,7 @@ def learner(demo_backbone):
 def test_context_features_match_the_learner(learner):
     ctx = learner.ctx.detach()[None].repeat(2, 1, 1)
     ctx[1] += 0.1
-    feats = contexts_text_features(learner, ctx)
+    feats = learner.contexts_features(ctx)
     assert torch.allclose(feats[0], learner(), atol=1e-6)
     with torch.no_grad():
         learner.ctx.add_(0.1)
@@ -129,7 +128,7 @@ def test_loss_gradient_through_the_text_encoder_matches_finite_differences(learn
     scale = learner64.backbone.logit_scale
 
     def loss(ctx):
-        text = contexts_text_features(learner64, ctx[None]).double()
+        text = learner64.contexts_features(ctx[None]).double()
         return _image_losses(scale * torch.einsum("bvd,bcd->bvc", feats, text), text, config).sum()
 
     ctx = learner64.ctx.detach().double().clone().requires_grad_(True)
@@ -153,7 +152,7 @@ def test_a_dominant_regulariser_moves_the_text_features_its_way(learner, method,
     kwargs = {"delta": 0.2} if name == "soc" else {}
     with torch.no_grad():
         before = fn(learner(), **kwargs)
-        after = fn(contexts_text_features(learner, ctx)[0], **kwargs)
+        after = fn(learner.contexts_features(ctx)[0], **kwargs)
     assert sign * (after - before) > 0
 
 
@@ -177,7 +176,7 @@ def _manual_tpt(learner, feats, steps, lr, reselect):
     optimizer = torch.optim.AdamW([ctx], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     chosen = None
     for _ in range(steps):
-        text = contexts_text_features(learner, ctx)[0]
+        text = learner.contexts_features(ctx)[0]
         view_logits = scale * feats[0] @ text.T  # (V, C)
         if chosen is None or reselect:
             entropy = -(view_logits.softmax(-1) * view_logits.log_softmax(-1)).sum(-1)
@@ -187,7 +186,7 @@ def _manual_tpt(learner, feats, steps, lr, reselect):
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        return scale * feats[0, 0] @ contexts_text_features(learner, ctx)[0].T, chosen
+        return scale * feats[0, 0] @ learner.contexts_features(ctx)[0].T, chosen
 
 
 def test_several_steps_select_the_confident_views_once_as_published(learner):

@@ -164,21 +164,42 @@ class PromptLearner(nn.Module):
         return self._shares_prefix
 
     def forward(self) -> torch.Tensor:
-        """L2-normalised class text features (C, D).
+        """L2-normalised class text features (C, D) of this learner's context.
 
         With a generic context at the end on a causal encoder, the start token and the context
         are encoded once for all classes (:meth:`Backbone.encode_shared_prefix`, exact).
         """
+        if self.class_specific:
+            dtype = next(self.backbone.model.parameters()).dtype
+            return self.backbone.encode_token_embeddings(self.prompt_embeddings().to(dtype), self.batch)
+        return self.contexts_features(self.ctx[None])[0]
+
+    def contexts_features(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Class text features (B, C, D) of B generic contexts (B, n_ctx, W) in one encoder pass
+        -- the runs of a lockstep group, or the images of batched TPT, each with its own context
+        completing this learner's prompts. Through the shared prefix where it applies (the B
+        prefixes batched, each encoded once), else every prompt in full (truncated)."""
+        if self.class_specific:
+            raise ValueError("contexts_features: needs a generic (shared) context")
+        if ctx.ndim != 3 or ctx.shape[1:] != (self.n_ctx, self.base_embeddings.shape[-1]):
+            raise ValueError(f"contexts_features: expected contexts (B, {self.n_ctx}, "
+                             f"{self.base_embeddings.shape[-1]}), got {tuple(ctx.shape)}")
+        b, c = ctx.shape[0], len(self.classnames)
         dtype = next(self.backbone.model.parameters()).dtype
         if self.use_shared_prefix and self.shares_prefix:
             n = 1 + self.n_ctx
-            prefix = torch.cat([self.base_embeddings[:1, :1], self.ctx[None]], dim=1)
+            start = self.base_embeddings[:1, :1].to(ctx.dtype).expand(b, -1, -1)
+            prefix = torch.cat([start, ctx], dim=1)
             suffix = self.base_embeddings[:, n:]
             out = self.backbone.encode_shared_prefix(prefix.to(dtype), suffix.to(dtype), self.batch)
             if out is not None:
-                return out
-        embeds = self.prompt_embeddings()
-        return self.backbone.encode_token_embeddings(embeds.to(dtype), self.batch)
+                return out.view(b, c, -1)
+        base = self.base_embeddings.to(ctx.dtype).expand(b, -1, -1, -1)  # (B, C, L, W)
+        index = self.ctx_positions[None, :, :, None].expand(b, -1, -1, ctx.shape[-1])
+        embeds = base.scatter(2, index, ctx[:, None].expand(-1, c, -1, -1))
+        batch = self.batch if b == 1 else self.batch.select(torch.arange(c).repeat(b))
+        flat = embeds.reshape(b * c, *embeds.shape[2:]).to(dtype)
+        return self.backbone.encode_token_embeddings(flat, batch).view(b, c, -1)
 
     def extra_repr(self) -> str:
         return (f"n_ctx={self.n_ctx}, classes={len(self.classnames)}, position={self.position!r}, "

@@ -217,7 +217,8 @@ class Backbone(ABC):
         self, prefix: torch.Tensor, suffix: torch.Tensor, batch: TokenBatch
     ) -> torch.Tensor | None:
         """Text features of prompts that all start with the same ``prefix`` embeddings (1, P, W)
-        followed by per-prompt ``suffix`` embeddings (C, S, W), computing the prefix once.
+        followed by per-prompt ``suffix`` embeddings (C, S, W), computing the prefix once. With B
+        prefixes (B, P, W), each completes every suffix: features (B * C, D), prefix-major.
 
         Exact for causal encoders (the prefix never attends to what follows). Returns None when
         the family does not implement it; callers then use :meth:`encode_token_embeddings`.

@@ -167,7 +167,9 @@ class OpenClipBackbone(Backbone):
         self, prefix: torch.Tensor, suffix: torch.Tensor, batch: TokenBatch
     ) -> torch.Tensor | None:
         """Causal CLIP towers: the prefix (start token + shared context) runs once per layer;
-        each class runs only its suffix, attending to the prefix's keys and values."""
+        each class runs only its suffix, attending to the prefix's keys and values. With B
+        prefixes (B, P, W) -- B contexts: runs trained in lockstep, images of batched TPT -- every
+        prefix completes every suffix; the features are (B * C, D), prefix-major."""
         from open_clip.transformer import ResidualAttentionBlock  # heavy optional dependency
 
         if not self.causal or self._pool not in ("argmax", "eos"):
@@ -183,14 +185,16 @@ class OpenClipBackbone(Backbone):
         with self.autocast():
             cast = parts.transformer.get_cast_dtype()
             pos = parts.positional_embedding[:length].to(cast)
+            n_contexts = prefix.shape[0]
             h_p = prefix.to(cast) + pos[:n_prefix]
-            h_s = suffix.to(cast) + pos[n_prefix:]
+            h_s = (suffix.to(cast) + pos[n_prefix:]).repeat(n_contexts, 1, 1)  # (B * C, S, W)
             mask = parts.attn_mask[:length, :length] if getattr(parts, "attn_mask", None) is not None \
                 else torch.full((length, length), float("-inf"), device=h_p.device).triu_(1)
             batch_first = getattr(parts.transformer, "batch_first", False)
             c = h_s.shape[0]
+            per_prefix = c // n_contexts
             for block in blocks:
-                kv = block.ln_1(torch.cat([h_p.expand(c, -1, -1), h_s], dim=1))
+                kv = block.ln_1(torch.cat([h_p.repeat_interleave(per_prefix, dim=0), h_s], dim=1))
                 q = block.ln_1(h_s)
                 if batch_first:
                     attn = block.attention(q_x=q, k_x=kv, v_x=kv, attn_mask=mask[n_prefix:, :])
@@ -203,7 +207,7 @@ class OpenClipBackbone(Backbone):
                 new_p = block(p_in, attn_mask=mask[:n_prefix, :n_prefix])
                 h_p, h_s = (new_p if batch_first else new_p.transpose(0, 1)), new_s
             x = parts.ln_final(h_s)
-            pooled = x[torch.arange(c, device=x.device), batch.eot_index - n_prefix]
+            pooled = x[torch.arange(c, device=x.device), batch.eot_index.repeat(n_contexts) - n_prefix]
             projection = parts.text_projection
             if projection is not None:
                 pooled = projection(pooled) if isinstance(projection, nn.Module) else pooled @ projection

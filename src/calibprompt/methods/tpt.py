@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from calibprompt import losses
 from calibprompt.prompts import PromptLearner
 
-__all__ = ["REGULARIZERS", "TPTConfig", "confident_views", "contexts_text_features", "tpt_adapt"]
+__all__ = ["REGULARIZERS", "TPTConfig", "confident_views", "tpt_adapt"]
 
 #: method -> (loss name in calibprompt.losses.LOSSES); the sign comes from the registry.
 REGULARIZERS = {"tpt": None, "ctpt": "atfd", "otpt": "orth", "otpt_fro": "orth_fro", "soc": "soc"}
@@ -84,19 +84,6 @@ def confident_views(logits: torch.Tensor, ratio: float) -> torch.Tensor:
     return entropy.topk(k, dim=1, largest=False).indices
 
 
-def contexts_text_features(learner: PromptLearner, ctx: torch.Tensor) -> torch.Tensor:
-    """Class text features (B, C, D), L2-normalised in at least float32, for B contexts
-    (B, n_ctx, W) of a generic PromptLearner."""
-    b, c = ctx.shape[0], len(learner.classnames)
-    base = learner.base_embeddings.to(ctx.dtype).expand(b, -1, -1, -1)  # (B, C, L, W)
-    index = learner.ctx_positions[None, :, :, None].expand(b, -1, -1, ctx.shape[-1])
-    embeds = base.scatter(2, index, ctx[:, None].expand(-1, c, -1, -1))
-    batch = learner.batch.select(torch.arange(c).repeat(b))
-    dtype = next(learner.backbone.model.parameters()).dtype
-    flat = embeds.reshape(b * c, *embeds.shape[2:]).to(dtype)
-    return learner.backbone.encode_token_embeddings(flat, batch).view(b, c, -1)
-
-
 def _view_logits(feats: torch.Tensor, text: torch.Tensor, scale: float, pattern: str) -> torch.Tensor:
     """``scale * einsum(pattern, feats, text)`` in the wider of the two dtypes (a float64 backbone
     gives float64 text features; cached image features are float32)."""
@@ -141,7 +128,7 @@ def _shared_first_gradient(
     b = feats.shape[0]
     ctx = learner.ctx.detach().clone().requires_grad_(True)
     with _autocast(config, ctx.device):
-        text = contexts_text_features(learner, ctx[None])[0]  # (C, D) once per batch
+        text = learner.contexts_features(ctx[None])[0]  # (C, D) once per batch
     per_image = text.detach()[None].repeat(b, 1, 1).requires_grad_(True)
     view_logits = _view_logits(feats, per_image, learner.backbone.logit_scale, "bvd,bcd->bvc")
     chosen = confident_views(view_logits.detach(), config.selection)
@@ -184,7 +171,7 @@ def tpt_adapt(
             grad, chosen = shared
         else:
             with _autocast(config, ctx.device):
-                text = contexts_text_features(learner, ctx)
+                text = learner.contexts_features(ctx)
             view_logits = _view_logits(feats, text, scale, "bvd,bcd->bvc")
             if chosen is None or config.reselect:
                 chosen = confident_views(view_logits.detach(), config.selection)
@@ -195,8 +182,8 @@ def tpt_adapt(
         optimizer.zero_grad(set_to_none=True)
     with torch.no_grad(), _autocast(config, ctx.device):
         if config.steps == 0:
-            text = contexts_text_features(learner, ctx[:1]).expand(b, -1, -1)
+            text = learner.contexts_features(ctx[:1]).expand(b, -1, -1)
         else:
-            text = contexts_text_features(learner, ctx)
+            text = learner.contexts_features(ctx)
         logits = _view_logits(feats[:, 0], text, scale, "bd,bcd->bc")
     return logits, ctx.detach()
