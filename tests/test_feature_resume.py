@@ -2,9 +2,11 @@
 flight, the resumed cache equals an uninterrupted one, and a torn write is redone, never read."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import pytest
@@ -110,8 +112,10 @@ def test_torn_shard_is_detected_removed_and_redone(tmp_path, monkeypatch, backbo
     sidecar = shards(tmp_path / "cache")[1]
     tensor_file = sidecar.with_suffix(".safetensors")
     rows = json.loads(sidecar.read_text())["shape"][0]
-    if tear == "sidecar_missing":  # killed between the two writes
+    if tear == "sidecar_missing":  # killed between the two writes, an hour ago (younger: maybe another writer's)
         sidecar.unlink()
+        past = time.time() - F.STALE_SECONDS - 60
+        os.utime(tensor_file, (past, past))
     else:
         data = tensor_file.read_bytes()
         tensor_file.write_bytes(data[: len(data) // 2])
@@ -157,3 +161,20 @@ def test_training_views_show_one_progress_bar(tmp_path, progress_bars, backbone,
         alone = FeatureStore(tmp_path / f"alone{v}")._one_table(
             backbone, paths, transform, v, 0, batch_size=8, num_workers=0, strict=False, progress=False)
         assert torch.allclose(alone.features, out.features[:, v], atol=1e-5)  # batch composition: float32 rounding
+
+
+def test_a_shared_cache_keeps_what_another_process_is_writing(tmp_path, backbone, paths):
+    """Another process's temporary file or shard awaiting its sidecar is left alone; a killed
+    writer's (older than an hour) is removed -- so Ray workers can share one cache."""
+    extract(backbone, tmp_path / "cache", paths[:8])
+    (table,) = {p.parent for p in (tmp_path / "cache").rglob("shard-*.json")}
+    young = [table / ".shard-x.safetensors.123.tmp", table / "shard-20990101000000-aaaaaaaa.safetensors"]
+    old = [table / ".shard-y.json.456.tmp", table / "shard-20000101000000-bbbbbbbb.safetensors"]
+    for p in young + old:
+        p.write_bytes(b"partial")
+    for p in old:
+        past = time.time() - F.STALE_SECONDS - 60
+        os.utime(p, (past, past))
+    again = extract(backbone, tmp_path / "cache", paths[:8])
+    assert again.encoded == 0
+    assert all(p.exists() for p in young) and not any(p.exists() for p in old)

@@ -3,6 +3,7 @@ the train / zeroshot / sweep / report / evaluate / calibrate / predict / metrics
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -67,19 +68,19 @@ def test_same_seed_same_metrics_and_resume_equals_uninterrupted(demo_root, tmp_p
 
     import calibprompt.methods.coop as coop
 
-    original = coop.train_prompt
+    original = coop.train_prompts
 
-    def interrupted(*args, on_epoch=None, **kwargs):
-        def hook(log, learner, optimizer):
+    def interrupted(jobs):
+        def hook(log, learner, optimizer, on_epoch=jobs[0].on_epoch):
             on_epoch(log, learner, optimizer)
             if log.epoch == 1:
                 raise KeyboardInterrupt("killed after epoch 1")
-        return original(*args, on_epoch=hook, **kwargs)
+        return original([dataclasses.replace(jobs[0], on_epoch=hook)])
 
-    monkeypatch.setattr(coop, "train_prompt", interrupted)
+    monkeypatch.setattr(coop, "train_prompts", interrupted)
     with pytest.raises(KeyboardInterrupt):
         execute_run(cfg, tmp_path / "c")
-    monkeypatch.setattr(coop, "train_prompt", original)
+    monkeypatch.setattr(coop, "train_prompts", original)
     partial = next((tmp_path / "c").rglob("checkpoint.json"))
     assert json.loads(partial.read_text())["epoch"] == 1 and not (partial.parent / "metrics.json").exists()
     assert partial.parent.name.startswith(".") and partial.parent.name.endswith(".partial")
@@ -123,9 +124,9 @@ def test_every_preset_runs_end_to_end(demo_root, tmp_path_factory, preset):
 
 
 def test_training_shows_one_progress_bar_for_the_epochs(demo_root, tmp_path, progress_bars):
-    import calibprompt.runs.prompt as prompt_module
+    import calibprompt.runs.execute as execute_module
 
-    bars = progress_bars(prompt_module)
+    bars = progress_bars(execute_module)
     execute_run(config(demo_root, tmp_path / "cache", epochs=3, progress=True), tmp_path / "runs")
     assert len(bars) == 1
     (task,) = bars[0].tasks

@@ -167,8 +167,11 @@ def test_run_equals_the_algorithm_and_resumes_exactly(tmp_path, demo_root, demo_
     resumed = execute_tpt_run(config, tmp_path / "fresh")
     assert resumed.metrics["adapted_images"] == n - 10 and not partial.exists()
     assert resumed.directory.name == result.directory.name  # the same identity
-    assert np.allclose(np.load(resumed.directory / "predictions.npz")["test_logits"], preds["test_logits"], atol=1e-6)
-    assert resumed.metrics["uncalibrated"]["ece"] == pytest.approx(result.metrics["uncalibrated"]["ece"], abs=1e-9)
+    # images are adapted in other batches (parts of 10): equal up to the batched arithmetic's rounding
+    resumed_logits = np.load(resumed.directory / "predictions.npz")["test_logits"]
+    assert np.abs(resumed_logits - preds["test_logits"]).max() < 1e-5
+    assert np.array_equal(resumed_logits.argmax(1), preds["test_logits"].argmax(1))
+    assert resumed.metrics["uncalibrated"]["ece"] == pytest.approx(result.metrics["uncalibrated"]["ece"], abs=1e-6)
 
 
 def test_methods_share_views_and_differ_only_by_the_regulariser(tmp_path, demo_root):

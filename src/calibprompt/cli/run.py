@@ -11,6 +11,7 @@ from rich.console import Console
 from calibprompt.cli.common import CLIError, add_run_output_options, out_dir, print_run
 from calibprompt.cli.options import add_config_options, config_from_args
 from calibprompt.runs import CertifyRunConfig, PromptRunConfig, TPTRunConfig, execute_run, run_sweep
+from calibprompt.runs.executors import ExecutorOptions
 from calibprompt.runs.prompt import TRAINING_FIELDS
 
 EXAMPLES = {
@@ -123,7 +124,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       f"{config.seed}: {state}, ECE {ece:.2f}%  {result.directory.name}")
 
     out_dir(args.out, "--out")
-    results = run_sweep(args.file, out=args.out, force=args.force, on_run=progress)
+    results = run_sweep(args.file, out=args.out, force=args.force, on_run=progress, lockstep=args.lockstep,
+                        executor=args.executor, address=args.address, ray_workers=args.ray_workers)
     console.print(f"{len(results)} runs; report written next to them")
     return 0
 
@@ -162,4 +164,9 @@ def register(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p.add_argument("file", help="sweep YAML")
     p.add_argument("--out", help="runs directory (default: the file's 'out', else runs)")
     p.add_argument("--force", action="store_true", help="redo finished runs")
+    p.add_argument("--lockstep", type=int, metavar="N",
+                   help="at most N prompt-tuning runs per lockstep group (one text-encoder pass per step for the "
+                        "group; 1 trains each run alone; results equal within float rounding) "
+                        "(default: as many as fit a quarter of the free memory (CPU) or half (GPU), at most 64)")
+    add_config_options(p, ExecutorOptions)
     p.set_defaults(func=cmd_sweep)

@@ -10,7 +10,8 @@ seed); a table maps image hashes to feature rows, stored in shards::
 
 A shard counts only once its sidecar exists; both files are written atomically (temporary file +
 rename), the tensors first, so a killed extraction leaves complete shards and nothing else, and
-the next call encodes only what is missing. Shards are written incrementally: after every encoded
+the next call encodes only what is missing. Several processes may share a cache (Ray workers):
+shard names are unique, and what a killed writer leaves is removed once it is an hour old. Shards are written incrementally: after every encoded
 batch of at least ``FeatureStore.min_shard_rows`` images (smaller batches are gathered until they
 reach that many images or ``FeatureStore.flush_seconds`` have passed), and on any exception
 (Ctrl-C) whatever is complete; so an interruption loses at most the batch in flight. Shards are
@@ -132,8 +133,8 @@ class _Table:
         self._scan()
 
     def _scan(self) -> None:
-        for leftover in self.dir.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
+        for leftover in self.dir.glob(".*.tmp"):  # a killed writer's; a live one's is younger
+            _remove_if_stale(leftover)
         for sidecar in sorted(self.dir.glob("shard-*.json")):
             try:
                 info = json.loads(sidecar.read_text())
@@ -153,8 +154,8 @@ class _Table:
                 self.rows.setdefault(h, (sidecar.stem, row))
         complete = {s.stem for s in self.dir.glob("shard-*.json")}
         for orphan in self.dir.glob("shard-*.safetensors"):
-            if orphan.stem not in complete:  # killed between the two writes
-                orphan.unlink(missing_ok=True)
+            if orphan.stem not in complete:  # killed between the two writes (or another process is writing)
+                _remove_if_stale(orphan)
 
     def _discard(self, sidecar: Path, reason: str) -> None:
         warnings.warn(f"feature cache: shard {sidecar} is invalid ({reason}); it is removed and "
@@ -207,6 +208,19 @@ class _Table:
         for row, h in enumerate(hashes):
             self.rows.setdefault(h, (shard, row))
         self._cache[shard] = features
+
+
+#: A temporary or half-committed cache file older than this (seconds) was left by a killed writer;
+#: younger ones may belong to another process writing the same cache (sweep/certify on Ray).
+STALE_SECONDS = 3600
+
+
+def _remove_if_stale(path: Path) -> None:
+    try:
+        if time.time() - path.stat().st_mtime > STALE_SECONDS:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 class _StaleShard(Exception):

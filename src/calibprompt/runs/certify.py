@@ -19,16 +19,17 @@ their coverage) and the clean base classifier's metrics.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from calibprompt.data import FeatureStore
@@ -48,7 +49,6 @@ from calibprompt.methods.zeroshot import zeroshot_text_features
 from calibprompt.metrics import METRICS_VERSION, evaluate
 from calibprompt.metrics._validation import MAX_BINS
 from calibprompt.plots import plot_certified_accuracy
-from calibprompt.progress import rate_progress
 from calibprompt.runs.common import (
     Outputs,
     Plan,
@@ -60,6 +60,7 @@ from calibprompt.runs.common import (
     test_split_record,
 )
 from calibprompt.runs.directory import RunDirectory, write_npz
+from calibprompt.runs.executors import ExecutorOptions, check_executor, map_units
 from calibprompt.runs.identity import RunIdentity, run_name
 from calibprompt.runs.tpt import initial_learner, stratified_subset
 
@@ -75,11 +76,11 @@ TEST_TIME = ("entropy", "entropy+as")
 PART_IMAGES = 1  # one image costs n0 + n forwards: minutes on a CPU
 #: Fields that do not change a certification's result.
 NON_EFFECTIVE = ("root", "weights", "device", "cache", "workers", "progress", "n_bins", "batch_size", "prompt",
-                 "skip_unreadable", "precision", "test_fraction")
+                 "skip_unreadable", "precision", "test_fraction", "executor", "address", "ray_workers")
 
 
 @dataclass(frozen=True)
-class CertifyRunConfig(RunConfigBase):
+class CertifyRunConfig(ExecutorOptions, RunConfigBase):
     """Certification of a prompted VLM by randomized smoothing at one noise level; the schema of
     the ``certify`` flags (one run per ``--sigma``)."""
 
@@ -133,6 +134,7 @@ class CertifyRunConfig(RunConfigBase):
             raise ValueError(f"n_bins: expected an integer from 1 to {MAX_BINS:,}, got {self.n_bins!r}")
         if self.seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {self.seed!r}")
+        check_executor(self.executor, self.address, self.ray_workers)
         device_kind(self.device)
 
     def _base_text(self, backbone: Any, test: Any) -> tuple[torch.Tensor, str, str | None]:
@@ -166,15 +168,8 @@ class CertifyRunConfig(RunConfigBase):
 
     def plan(self) -> Plan:
         self.validate()
-        _, test = self.load_splits()
-        backbone = cached_backbone(self.backbone, self.weights, self.device, self.precision)
-        learner = None
-        if self.test_time is None:
-            text, base, digest = self._base_text(backbone, test)
-        else:
-            learner, digest = initial_learner(backbone, list(test.classnames), self.prompt, self.context_words(test),
-                                              self.backbone, flag="--prompt")
-            text, base = None, ("prompt" if self.prompt else "zeroshot") + f"+{self.test_time}"
+        setup = _setup(self)
+        backbone, test, digest, base = setup.backbone, setup.test, setup.digest, setup.base
         store = FeatureStore(self.cache)
         skip = (*NON_EFFECTIVE, *(() if self.test_time else ("as_weight", "copies", "ctx_init", "test_time")),
                 *(() if self.test_time == "entropy+as" else ("as_weight",)))
@@ -197,7 +192,7 @@ class CertifyRunConfig(RunConfigBase):
                   **test_split_record(self, None, test)}
 
         def work(directory: RunDirectory) -> Outputs:
-            return _work(self, directory, backbone, store, test, text, learner)
+            return _work(self, directory, store, setup.subset)
 
         return Plan(identity, path, asdict(self), list(test.classnames), self.n_bins,
                     f"{self.backbone} / {self.dataset} / {method}, sigma {self.sigma:g}", work, record, method=method)
@@ -208,16 +203,84 @@ class CertifyRunConfig(RunConfigBase):
                          "`calibprompt certify` (or predict with the run given as --prompt)")
 
 
-def _work(config: CertifyRunConfig, directory: RunDirectory, backbone: Any, store: FeatureStore, test: Any,
-          text: torch.Tensor | None, learner: Any) -> Outputs:
+@dataclass
+class _Setup:
+    """What certifying an image of a run needs: the backbone, the base classifier (class text
+    features, or the test-time learner) and the run's test set (and its certified subset)."""
+
+    backbone: Any
+    test: Any
+    subset: Any
+    text: torch.Tensor | None
+    learner: Any
+    initial_ctx: torch.Tensor | None  # the test-time step resets the learner's context to it per image
+    base: str
+    digest: str | None
+
+
+@functools.lru_cache(maxsize=2)
+def _setup(config: CertifyRunConfig) -> _Setup:
+    """The run's :class:`_Setup`, once per process (the run's plan and each unit of work share it;
+    a Ray worker builds it at its first image)."""
+    _, test = config.load_splits()
+    backbone = cached_backbone(config.backbone, config.weights, config.device, config.precision)
+    learner = None
+    if config.test_time is None:
+        text, base, digest = config._base_text(backbone, test)
+    else:
+        learner, digest = initial_learner(backbone, list(test.classnames), config.prompt, config.context_words(test),
+                                          config.backbone, flag="--prompt")
+        text, base = None, ("prompt" if config.prompt else "zeroshot") + f"+{config.test_time}"
+    subset = test
     if config.subset is not None and config.subset < len(test):
-        test = test.subset(stratified_subset(test.labels, config.subset), split=test.split)
-    keys = store.hashes(test.paths)  # content hashes, memoised when the run was identified
-    split = pixel_transform(backbone.image_transform())
-    classify = None if text is None else prompted_classifier(backbone, text)
+        subset = test.subset(stratified_subset(test.labels, config.subset), split=test.split)
     initial_ctx = None if learner is None else learner.ctx.detach().clone()
+    return _Setup(backbone, test, subset, text, learner, initial_ctx, base, digest)
+
+
+def certify_images(config: CertifyRunConfig, items: list[tuple[int, str]]) -> list[tuple[int, np.ndarray, str | None,
+                                                                                         list[int]]]:
+    """Certify the images ``items`` -- (position in the certified subset, content hash) -- of the
+    run ``config``: the unit of work of both executors. Each image's noise is seeded by (seed,
+    hash, sigma, draw), so the result does not depend on the process that computes it. Returns
+    (position, row, reason it does not decode or None, pixel shape) per image; a row holds
+    prediction, n_a, n, p_lower, radius, candidate, counts (C), mean softmax (C), clean logits (C)."""
+    setup = _setup(config)
+    backbone, test, learner = setup.backbone, setup.subset, setup.learner
+    split = pixel_transform(backbone.image_transform())
+    classify = None if setup.text is None else prompted_classifier(backbone, setup.text)
     step = TestTimeConfig(copies=config.copies, as_weight=config.as_weight if config.test_time == "entropy+as" else 0.0)
     c = test.num_classes
+    out = []
+    for i, key in items:
+        try:
+            pixels = split.to_pixels(open_image(test.path(i)))
+        except Exception as exc:  # an image that does not decode
+            out.append((i, np.full(6 + 3 * c, np.nan), f"unreadable image ({type(exc).__name__}: {str(exc)[:120]})",
+                        []))
+            continue
+        if learner is not None:  # PromptSmooth's test-time step on this image's own noisy copies
+            with torch.no_grad():
+                copies = pixels[None] + noise(pixels.shape, config.seed, f"{key}|test-time", config.sigma,
+                                              range(config.copies))
+                feats = torch.cat([backbone.encode_images(split.normalize(copies[b:b + config.batch_size]))
+                                   for b in range(0, config.copies, config.batch_size)])
+            classify = prompted_classifier(backbone, adapt_to_noisy_copies(
+                learner, setup.initial_ctx, feats, backbone.logit_scale, step))
+        with torch.no_grad():
+            result = certify_image(classify, pixels, split.normalize, c, key=key,
+                                   sigma=config.sigma, n0=config.n0, n=config.n, alpha=config.alpha,
+                                   seed=config.seed, batch_size=config.batch_size)
+            clean = classify(split.normalize(pixels[None])).double().cpu().numpy()[0]
+        cert = result.certificate
+        out.append((i, np.array([cert.prediction, cert.n_a, cert.n, cert.p_lower, cert.radius, cert.candidate,
+                                 *result.counts, *result.mean_probs, *clean], dtype=np.float64), None,
+                    list(pixels.shape)))
+    return out
+
+
+def _work(config: CertifyRunConfig, directory: RunDirectory, store: FeatureStore, test: Any) -> Outputs:
+    keys = store.hashes(test.paths)  # content hashes, memoised when the run was identified
     parts = directory.path("parts")
     parts.mkdir(exist_ok=True)
     done: dict[int, np.ndarray] = {}
@@ -227,42 +290,26 @@ def _work(config: CertifyRunConfig, directory: RunDirectory, backbone: Any, stor
     todo = [i for i in range(len(test)) if i not in done]
     excluded: list[tuple[str, str]] = []
     resolution: list[int] = []
-    start = time.perf_counter()
-    with rate_progress(config.progress) as bar:
-        task = bar.add_task(f"certifying sigma {config.sigma:g}", total=len(test), completed=len(test) - len(todo),
-                            rate="-")
-        for g in range(0, len(todo), PART_IMAGES):
-            chunk, rows = todo[g:g + PART_IMAGES], []
-            for i in chunk:
-                try:
-                    pixels = split.to_pixels(open_image(test.path(i)))
-                except Exception as exc:  # an image that does not decode
-                    excluded.append((str(test.path(i)), f"unreadable image ({type(exc).__name__}: {str(exc)[:120]})"))
-                    rows.append(np.full(6 + 3 * c, np.nan))
-                    continue
-                resolution = list(pixels.shape)
-                key = keys[i]
-                if learner is not None:  # PromptSmooth's test-time step on this image's own noisy copies
-                    with torch.no_grad():
-                        copies = pixels[None] + noise(pixels.shape, config.seed, f"{key}|test-time", config.sigma,
-                                                      range(config.copies))
-                        feats = torch.cat([backbone.encode_images(split.normalize(copies[b:b + config.batch_size]))
-                                           for b in range(0, config.copies, config.batch_size)])
-                    classify = prompted_classifier(backbone, adapt_to_noisy_copies(
-                        learner, initial_ctx, feats, backbone.logit_scale, step))
-                with torch.no_grad():
-                    result = certify_image(classify, pixels, split.normalize, c, key=key,
-                                           sigma=config.sigma, n0=config.n0, n=config.n, alpha=config.alpha,
-                                           seed=config.seed, batch_size=config.batch_size)
-                    clean = classify(split.normalize(pixels[None])).double().cpu().numpy()[0]
-                cert = result.certificate
-                # row: prediction, n_a, n, p_lower, radius, candidate, counts (C), mean softmax (C), clean logits (C)
-                rows.append(np.array([cert.prediction, cert.n_a, cert.n, cert.p_lower, cert.radius, cert.candidate,
-                                      *result.counts, *result.mean_probs, *clean], dtype=np.float64))
-                bar.update(task, advance=1, rate=f"{(g + len(rows)) / max(time.perf_counter() - start, 1e-9):.2f}")
-            stacked = np.stack(rows)
-            write_npz(parts / f"certify-{chunk[0]:07d}.npz", positions=np.asarray(chunk), rows=stacked)
-            done.update(zip(chunk, stacked, strict=True))
+    unit_config = replace(config, progress=False, executor="serial", address=None, ray_workers=None)
+    units = [(unit_config, [(i, keys[i]) for i in todo[g:g + PART_IMAGES]]) for g in range(0, len(todo), PART_IMAGES)]
+
+    def finished(_: int, rows: list[tuple[int, np.ndarray, str | None, list[int]]]) -> None:
+        for i, _row, reason, shape in rows:
+            if reason is not None:
+                excluded.append((str(test.path(i)), reason))
+            resolution[:] = shape or resolution
+        positions = [i for i, *_ in rows]
+        stacked = np.stack([row for _, row, *_ in rows])
+        write_npz(parts / f"certify-{positions[0]:07d}.npz", positions=np.asarray(positions), rows=stacked)
+        done.update(zip(positions, stacked, strict=True))
+
+    map_units(certify_images, units, config.executor, address=config.address, workers=config.ray_workers,
+              on_done=finished, description=f"certifying sigma {config.sigma:g} ({len(done)} of {len(test)} done "
+                                            "before)" if done else f"certifying sigma {config.sigma:g}",
+              progress=config.progress)
+    if not resolution:  # resumed with every image done: the input shape of the backbone
+        size = pixel_transform(_setup(config).backbone.image_transform())
+        resolution = list(size.to_pixels(Image.new("RGB", (8, 8))).shape)
     config.check_readable(excluded, f"the test split ({test.root})")
     return _outputs(config, directory, test, done, resolution)
 

@@ -28,6 +28,7 @@ from calibprompt.data import (
 )
 from calibprompt.data.splits import HOLDOUT_SEED
 from calibprompt.files import atomic_path, write_json
+from calibprompt.methods.coop import PromptJob
 from calibprompt.methods.zeroshot import zeroshot_logits
 from calibprompt.runs.directory import RunDirectory
 from calibprompt.runs.identity import RunIdentity, data_fingerprint
@@ -36,6 +37,7 @@ __all__ = [
     "Outputs",
     "Plan",
     "RunConfigBase",
+    "Training",
     "cached_backbone",
     "classifier_outputs",
     "dataset_fingerprint",
@@ -206,12 +208,24 @@ class Outputs:
 
 
 @dataclass
+class Training:
+    """A run paused before its prompt tuning, so that runs can train in lockstep
+    (:func:`calibprompt.methods.coop.train_prompts`): ``job`` is its training, ``finish()`` what
+    the run does once the job is trained (returns its :class:`Outputs`)."""
+
+    job: PromptJob
+    finish: Callable[[], Outputs]
+    label: str  # how the progress display names the run
+
+
+@dataclass
 class Plan:
     """A validated run, ready to execute: every input was checked and nothing written yet.
 
     ``work(directory)`` does the method's computation inside the run directory under construction
     (checkpointing there, resuming from what an interrupted call left) and returns its
-    :class:`Outputs`."""
+    :class:`Outputs` -- or, for a prompt-tuning run, a :class:`Training` that the run machinery
+    trains (alone, or in lockstep with the runs of the same ``lockstep_key``) and then finishes."""
 
     identity: RunIdentity
     path: Path  # relative: <dataset>/<backbone>/<method>/<name>
@@ -225,6 +239,8 @@ class Plan:
     #: files a finished run must hold to be reused (e.g. weights asked for by a later call);
     #: a finished run without them is redone
     required_files: tuple[str, ...] = ()
+    #: runs with equal keys (not None) may train in lockstep: same backbone, data and prompt shape
+    lockstep_key: tuple[Any, ...] | None = None
 
 
 def classifier_outputs(directory: RunDirectory, text: torch.Tensor, scale: float, test: Dataset, test_feats: Any,

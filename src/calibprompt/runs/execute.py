@@ -3,6 +3,7 @@ predictions, metrics, diagram -> atomic rename. Every method goes through :func:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -15,13 +16,16 @@ from scipy.special import softmax
 
 from calibprompt.calibrators import TemperatureScaling
 from calibprompt.files import write_json
+from calibprompt.methods import coop
+from calibprompt.methods.coop import lockstep_capacity
 from calibprompt.metrics import BINNING_CONVENTION, evaluate
 from calibprompt.plots import plot_reliability
-from calibprompt.runs.common import Outputs, Plan, package_versions
+from calibprompt.progress import rate_progress
+from calibprompt.runs.common import Outputs, Plan, Training, package_versions
 from calibprompt.runs.directory import RunDirectory, read_predictions, read_record, write_npz
 from calibprompt.runs.identity import SCHEMA_VERSION
 
-__all__ = ["RunResult", "execute_run", "plan_record", "score"]
+__all__ = ["RunResult", "execute_group", "execute_run", "plan_record", "score", "train_together"]
 
 
 @dataclass
@@ -109,11 +113,9 @@ def _finalize(directory: RunDirectory, outputs: Outputs, plan: Plan) -> dict[str
     return metrics
 
 
-def execute_run(config: Any, out: str | Path, force: bool = False) -> RunResult:
-    """Validate and identify ``config`` (any run config: :class:`~calibprompt.runs.PromptRunConfig`,
-    :class:`~calibprompt.runs.TPTRunConfig`), then run it under ``out``. A finished run with the
-    same identity is skipped unless ``force``; an interrupted one resumes from its checkpoint."""
-    plan: Plan = config.plan()
+def _open(plan: Plan, out: Path, force: bool) -> RunResult | RunDirectory:
+    """A finished run with ``plan``'s identity (its result, skipped), or its directory under
+    construction (begun, or resumed from an interrupted call)."""
     directory = RunDirectory(Path(out) / plan.path)
     if directory.finished and not force and not all((directory.final / f).is_file() for f in plan.required_files):
         force = True  # finished without a file asked for now (e.g. --save-weights): redo it, then swap
@@ -126,7 +128,66 @@ def execute_run(config: Any, out: str | Path, force: bool = False) -> RunResult:
             metrics = _rebinned(directory.final, metrics, plan.n_bins)
         return RunResult(directory.final, metrics, skipped=True)
     directory.begin(plan_record(plan), force=force)
-    outputs = plan.work(directory)
+    return directory
+
+
+def _close(plan: Plan, directory: RunDirectory, outputs: Outputs) -> RunResult:
     metrics = _finalize(directory, outputs, plan)
     final = directory.finish(metrics)
     return RunResult(final, metrics, skipped=False, logs=outputs.logs)
+
+
+def train_together(trainings: list[Training], progress: bool = True, group_size: int | None = None) -> None:
+    """Train the runs paused at their prompt tuning: in lockstep groups of at most ``group_size``
+    runs (default: as many as fit the memory budget, :func:`lockstep_capacity`), one progress bar
+    for all. Each run checkpoints after each of its epochs, as alone."""
+    if not trainings:
+        return
+    if group_size is None:
+        group_size = lockstep_capacity(trainings[0].job.learner)
+    with rate_progress(progress, rate_label="loss") as bar:
+        label = f"training {trainings[0].label}" if len(trainings) == 1 else \
+            f"training {len(trainings)} runs in lockstep"
+        task = bar.add_task(label,
+                            total=sum(t.job.config.epochs for t in trainings),
+                            completed=sum(t.job.start_epoch for t in trainings), rate="-")
+        for start in range(0, len(trainings), group_size):
+            group = trainings[start:start + group_size]
+            jobs = []
+            for t in group:
+                def on_epoch(log, learner, optimizer, callback=t.job.on_epoch) -> None:
+                    if callback is not None:
+                        callback(log, learner, optimizer)
+                    bar.update(task, advance=1, rate=f"{log.loss:.4f}")
+                jobs.append(dataclasses.replace(t.job, on_epoch=on_epoch))
+            coop.train_prompts(jobs)
+
+
+def execute_group(configs: list[Any], out: str | Path, force: bool = False,
+                  group_size: int | None = None) -> list[RunResult]:
+    """Execute runs together: each as :func:`execute_run` would (skip, resume, work, finish), but
+    the prompt tuning of those that train runs in lockstep (:func:`train_together`). Every config
+    is validated and identified before the first run starts. Meant for runs of one
+    ``lockstep_key`` (what :func:`calibprompt.runs.sweep.run_sweep` forms); others are correct
+    too, they only share less."""
+    plans: list[Plan] = [config.plan() for config in configs]
+    results: list[RunResult | None] = [None] * len(plans)
+    stages: list[tuple[int, Plan, RunDirectory, Outputs | Training]] = []
+    for i, plan in enumerate(plans):
+        opened = _open(plan, Path(out), force)
+        if isinstance(opened, RunResult):
+            results[i] = opened
+        else:
+            stages.append((i, plan, opened, plan.work(opened)))
+    progress = any(getattr(config, "progress", True) for config in configs)
+    train_together([stage for *_, stage in stages if isinstance(stage, Training)], progress, group_size)
+    for i, plan, directory, stage in stages:
+        results[i] = _close(plan, directory, stage.finish() if isinstance(stage, Training) else stage)
+    return results  # type: ignore[return-value]
+
+
+def execute_run(config: Any, out: str | Path, force: bool = False) -> RunResult:
+    """Validate and identify ``config`` (any run config: :class:`~calibprompt.runs.PromptRunConfig`,
+    :class:`~calibprompt.runs.TPTRunConfig`, ...), then run it under ``out``. A finished run with
+    the same identity is skipped unless ``force``; an interrupted one resumes from its checkpoint."""
+    return execute_group([config], out, force)[0]

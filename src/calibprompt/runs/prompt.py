@@ -26,20 +26,20 @@ from calibprompt.data import DataError, FeatureStore, few_shot, validation_split
 from calibprompt.data.views import SeededViews, train_view_transform
 from calibprompt.files import atomic_path, slug, write_json
 from calibprompt.losses import LOSSES
-from calibprompt.methods import coop  # coop.train_prompt: one name for tests to patch
+from calibprompt.methods import coop
 from calibprompt.methods.coop import TrainConfig
 from calibprompt.methods.smoothing import noise, pixel_transform
 from calibprompt.methods.zeroshot import zeroshot_logits, zeroshot_text_features
 from calibprompt.metrics import METRICS_VERSION
 from calibprompt.metrics._validation import MAX_BINS
 from calibprompt.objective import PRESETS, Objective
-from calibprompt.progress import rate_progress
 from calibprompt.prompts import POSITIONS, PromptLearner, check_distinct_prompts
 from calibprompt.runs import finetune as finetune_run  # finetune_run.work_full: patchable in tests
 from calibprompt.runs.common import (
     Outputs,
     Plan,
     RunConfigBase,
+    Training,
     cached_backbone,
     classifier_outputs,
     dataset_fingerprint,
@@ -264,12 +264,23 @@ class PromptRunConfig(RunConfigBase):
         record = {"objective": None if objective is None else objective.to_dict(),
                   "regime": "full" if self.full else "prompt", **test_split_record(self, train, test)}
 
-        def work(directory: RunDirectory) -> Outputs:
+        def work(directory: RunDirectory) -> Outputs | Training:
             return _work(self, directory, backbone, store, train, test, objective, val_per_class)
 
         return Plan(identity, path, asdict(self), list(train.classnames), self.n_bins,
                     f"{self.backbone} / {self.dataset} / {method}, seed {self.seed}", work, record,
-                    method=method, required_files=(finetune_run.WEIGHTS_FILE,) if self.save_weights else ())
+                    method=method, required_files=(finetune_run.WEIGHTS_FILE,) if self.save_weights else (),
+                    lockstep_key=self.lockstep_key())
+
+    def lockstep_key(self) -> tuple[Any, ...] | None:
+        """Runs with the same key train well in lockstep (one text-encoder pass per step for all):
+        prompt tuning on cached views with the same backbone, data, prompt shape and step
+        schedule. ``None`` (zero-shot, full fine-tuning, noisy views): the run trains alone."""
+        if self.zero_shot or self.full or self.noise_sigmas is not None:
+            return None
+        return (self.backbone, self.weights, self.precision, self.device, self.dataset, self.root,
+                self.test_fraction, self.n_ctx, self.init, self.position, self.class_specific, self.shots,
+                self.epochs, self.batch_size, self.cache)
 
     def predict_logits(self, directory: Path, backbone: Any, paths: list[Path], store: FeatureStore,
                        *, workers: int | None = None, progress: bool = True):
@@ -314,7 +325,7 @@ RunConfig = PromptRunConfig
 
 
 def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store: FeatureStore,
-          train: Any, test: Any, objective: Any, val_per_class: int) -> Outputs:
+          train: Any, test: Any, objective: Any, val_per_class: int) -> Outputs | Training:
     kw = {"num_workers": config.workers, "progress": config.progress}
     shots = None
     if not config.zero_shot:
@@ -334,9 +345,7 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
 
     logs: list[dict[str, Any]] = []
     tables = {*test_feats.tables, *val_feats.tables}
-    if config.zero_shot:
-        text = zs_text
-    else:
+    if not config.zero_shot:
         shot_set = shots.subset_of(train)
         features_fn = None
         if config.noise_sigmas is None:
@@ -369,17 +378,19 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
                 tensors["momentum"] = momentum
             directory.save_checkpoint(tensors, {"epoch": log.epoch, "logs": logs,
                                                 "param_groups": state["param_groups"]})
-            bar.update(task, advance=1, rate=f"{log.loss:.4f}")
 
-        with rate_progress(config.progress, rate_label="loss") as bar:  # one bar for the epochs
-            task = bar.add_task(f"training {config.method}", total=config.epochs, completed=start_epoch, rate="-")
-            coop.train_prompt(learner, features, torch.as_tensor(bank_labels), objective,
-                              config.train_config(), zs_text, on_epoch=on_epoch, start_epoch=start_epoch,
-                              optimizer_state=optimizer_state, features_fn=features_fn)
-        with torch.no_grad():
-            text = learner()
-        with atomic_path(directory.path("prompt.safetensors")) as tmp:
-            save_file({"ctx": learner.ctx.detach().cpu().contiguous()}, str(tmp))
-        write_json(directory.path("log.json"), logs)
-    return classifier_outputs(directory, text, backbone.logit_scale, test, test_feats, val_set, val_feats, tables,
+        def finish() -> Outputs:
+            with torch.no_grad():
+                text = learner()
+            with atomic_path(directory.path("prompt.safetensors")) as tmp:
+                save_file({"ctx": learner.ctx.detach().cpu().contiguous()}, str(tmp))
+            write_json(directory.path("log.json"), logs)
+            return classifier_outputs(directory, text, backbone.logit_scale, test, test_feats, val_set, val_feats,
+                                      tables, (shots, val), logs)
+
+        job = coop.PromptJob(learner, features, torch.as_tensor(bank_labels), objective, config.train_config(),
+                             zs_text, on_epoch=on_epoch, start_epoch=start_epoch, optimizer_state=optimizer_state,
+                             features_fn=features_fn)
+        return Training(job, finish, config.method)
+    return classifier_outputs(directory, zs_text, backbone.logit_scale, test, test_feats, val_set, val_feats, tables,
                               (shots, val), logs)
