@@ -11,12 +11,13 @@ the backward pass and the R optimizer updates. Medians of repeats, one process, 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 import warnings
 
 import torch
 
-from benchmarks.common import median_time, write_result
+from benchmarks.common import write_result
 from calibprompt.objective import Objective
 
 NAMES = ["adipose tissue", "background", "debris", "lymphocytes", "mucus", "smooth muscle", "normal colon mucosa",
@@ -85,19 +86,21 @@ def main(argv: list[str] | None = None) -> None:
     for runs in args.sizes:
         group = _group(backbone, runs)
         parts: dict[str, list[float]] = {}
+        alone_parts: dict[str, list[float]] = {}
         _step(*group, objective, scale, lockstep=True)  # warm-up
-        for _ in range(args.repeats):
+        _step(*group, objective, scale, lockstep=False)
+        for _ in range(args.repeats):  # interleaved, so that the machine's drift hits both alike
             _step(*group, objective, scale, lockstep=True, parts=parts)
-        lockstep = {k: sorted(v)[len(v) // 2] for k, v in parts.items()}
-        alone = median_time(lambda group=group: _step(*group, objective, scale, lockstep=False),
-                            repeats=max(1, args.repeats if runs <= 4 else 2))
+            _step(*group, objective, scale, lockstep=False, parts=alone_parts)
+        lockstep = {k: statistics.median(v) for k, v in parts.items()}
+        alone = statistics.median(alone_parts["step"])
         results[str(runs)] = {
             "lockstep_step_s": lockstep["step"], "lockstep_per_run_s": lockstep["step"] / runs,
             "lockstep_breakdown_s": lockstep,
-            "alone_step_s (runs one after another)": alone["median_s"], "alone_per_run_s": alone["median_s"] / runs,
+            "alone_step_s (runs one after another)": alone, "alone_per_run_s": alone / runs,
         }
         print(f"{runs:3d} runs: lockstep {1000 * lockstep['step'] / runs:.0f} ms/run-step, alone "
-              f"{1000 * alone['median_s'] / runs:.0f} ms/run-step "
+              f"{1000 * alone / runs:.0f} ms/run-step "
               f"(forward {1000 * lockstep['text_forward']:.0f}, backward {1000 * lockstep['backward']:.0f}, "
               f"loss {1000 * lockstep['loss']:.0f}, sgd {1000 * lockstep['optimizer']:.1f} ms)", flush=True)
     ratios = {f"lockstep speed-up per run-step, group of {k}": v["alone_per_run_s"] / v["lockstep_per_run_s"]

@@ -201,7 +201,7 @@ def test_zero_shot_objectives_get_zero_shot_logits(tiny_backbone):
         train_prompt(learner, bank, labels, Objective.preset("zsnorm"), TrainConfig(epochs=1))
 
 
-@pytest.mark.parametrize("case", ["quiltnet", "quiltnet_safetensors"])
+@pytest.mark.parametrize("case", ["quiltnet", "quiltnet_safetensors", "plip", "demo"])
 def test_shared_prefix_is_exact(backbones, case):
     b = backbones[case]
     shared = PromptLearner(b, CLASSES, n_ctx=5, seed=2, shared_prefix=True)
@@ -218,14 +218,14 @@ def test_shared_prefix_is_exact(backbones, case):
     assert torch.allclose(shared.ctx.grad, plain.ctx.grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["quiltnet", "biomedclip"])
+@pytest.mark.parametrize("case", ["quiltnet", "plip", "biomedclip"])
 def test_contexts_features_batch_equals_each_context_alone(backbones, case):
     """B contexts in one pass (lockstep runs, batched TPT) = each context through its own learner;
     on a causal tower through the batched shared prefix, on BERT through full prompts; gradients
     reach each context as if alone."""
     b = backbones[case]
     learner = PromptLearner(b, CLASSES, n_ctx=5, seed=2, shared_prefix=True)
-    assert learner.shares_prefix and (case == "quiltnet") == (b.encode_shared_prefix(
+    assert learner.shares_prefix and (case != "biomedclip") == (b.encode_shared_prefix(
         torch.zeros(3, 6, learner.ctx.shape[-1]), learner.base_embeddings[:, 6:], learner.batch) is not None)
     ctx = torch.stack([PromptLearner(b, CLASSES, n_ctx=5, seed=s).ctx.detach() for s in (3, 4, 5)]).requires_grad_()
     together = learner.contexts_features(ctx)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from calibprompt.cli import main
 from calibprompt.demo.tissue import write_demo_dataset
 from calibprompt.metrics import METRICS_VERSION
-from calibprompt.runs import RunConfig, execute_run
+from calibprompt.runs import PromptRunConfig, RunConfig, execute_run
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +131,18 @@ def test_training_shows_one_progress_bar_for_the_epochs(demo_root, tmp_path, pro
     assert len(bars) == 1
     (task,) = bars[0].tasks
     assert task.total == 3 and task.completed == 3 and task.description == "training ce"
+
+
+def test_precision_auto_resolves_per_device_and_is_recorded(demo_root, tmp_path):
+    from calibprompt.runs import CertifyRunConfig, TPTRunConfig
+
+    for kind in (PromptRunConfig, TPTRunConfig, CertifyRunConfig):
+        assert kind("demo", "demo", "x").precision == "fp32"
+        assert kind("demo", "demo", "x", device="cuda:1").precision == "fp16"  # half on GPUs, fp32 masters
+        assert kind("demo", "demo", "x", device="cuda", precision="bf16").precision == "bf16"
+        assert kind("demo", "demo", "x", precision="fp32", device="cuda").precision == "fp32"
+    with pytest.raises(ValueError, match="precision: expected auto"):
+        PromptRunConfig("demo", "demo", str(demo_root), precision="fp8").validate()
+    result = execute_run(config(demo_root, tmp_path / "cache", epochs=1), tmp_path / "runs")
+    record = json.loads((result.directory / "config.json").read_text())
+    assert record["config"]["precision"] == "fp32" and record["identity"]["precision"] == "fp32"

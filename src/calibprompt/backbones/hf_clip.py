@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from calibprompt.backbones.base import Backbone, BackboneLoadError, TokenBatch, refuse_long_prompts
+from calibprompt.backbones.base import (
+    Backbone,
+    BackboneLoadError,
+    TokenBatch,
+    normalized_features,
+    refuse_long_prompts,
+)
+from calibprompt.backbones.prefix import CausalLayer, pack_suffixes, shared_prefix_forward
 from calibprompt.backbones.sources import (
     HUB_IDS,
     hub_file,
@@ -99,6 +106,33 @@ class HFClipBackbone(Backbone):
         hidden = self._text.final_layer_norm(hidden)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.eot_index]
         return self.model.text_projection(pooled)
+
+    def encode_shared_prefix(
+        self, prefix: torch.Tensor, suffix: torch.Tensor, batch: TokenBatch
+    ) -> torch.Tensor | None:
+        """The prefix once per layer (per context), the classes' suffixes packed without padding
+        (:mod:`calibprompt.backbones.prefix`; exact). With B prefixes (B, P, W) every prefix
+        completes every suffix: features (B * C, D), prefix-major."""
+        layers = []
+        for layer in self._text.encoder.layers:
+            attn = layer.self_attn
+            if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads")) or \
+                    abs(float(getattr(attn, "scale", 0.0)) - (attn.q_proj.out_features // attn.num_heads) ** -0.5) > 1e-9:
+                return None  # an attention other than CLIP's: the full prompts
+            layers.append(CausalLayer(norm1=layer.layer_norm1, q=attn.q_proj, k=attn.k_proj, v=attn.v_proj,
+                                      heads=attn.num_heads, out=attn.out_proj, norm2=layer.layer_norm2,
+                                      mlp=layer.mlp))
+        n_prefix = prefix.shape[1]
+        if batch.real_length <= n_prefix or bool((batch.eot_index < n_prefix).any()):
+            return None
+        packing = pack_suffixes(batch.eot_index, n_prefix, prefix.device)
+        positions = self._text.embeddings.position_embedding.weight
+        with self.autocast():
+            packed = suffix[packing.classes, packing.offsets] + positions[n_prefix + packing.offsets]
+            ends = shared_prefix_forward(layers, prefix + positions[:n_prefix], packed, packing)
+            pooled = self._text.final_layer_norm(ends).flatten(0, 1)
+            features = self.model.text_projection(pooled)
+        return normalized_features(features)
 
     # -- images --------------------------------------------------------------------------------
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from calibprompt.backbones.base import (
     warn_random_weights,
 )
 from calibprompt.backbones.hf_clip import check_prompt_lengths
+from calibprompt.backbones.prefix import CausalLayer, pack_suffixes, shared_prefix_forward
 from calibprompt.backbones.sources import (
     HUB_IDS,
     HUB_PREFIX,
@@ -166,10 +167,9 @@ class OpenClipBackbone(Backbone):
     def encode_shared_prefix(
         self, prefix: torch.Tensor, suffix: torch.Tensor, batch: TokenBatch
     ) -> torch.Tensor | None:
-        """Causal CLIP towers: the prefix (start token + shared context) runs once per layer;
-        each class runs only its suffix, attending to the prefix's keys and values. With B
-        prefixes (B, P, W) -- B contexts: runs trained in lockstep, images of batched TPT -- every
-        prefix completes every suffix; the features are (B * C, D), prefix-major."""
+        """Causal CLIP towers: the prefix once per layer (per context), the classes' suffixes
+        packed without padding (:mod:`calibprompt.backbones.prefix`; exact). With B prefixes
+        (B, P, W) every prefix completes every suffix: features (B * C, D), prefix-major."""
         from open_clip.transformer import ResidualAttentionBlock  # heavy optional dependency
 
         if not self.causal or self._pool not in ("argmax", "eos"):
@@ -178,36 +178,18 @@ class OpenClipBackbone(Backbone):
         blocks = list(parts.transformer.resblocks)
         if not all(type(b) is ResidualAttentionBlock for b in blocks):
             return None
-        n_prefix, length = prefix.shape[1], batch.real_length
-        if length <= n_prefix or bool((batch.eot_index < n_prefix).any()):
+        layers = [CausalLayer.from_multihead(b.attn, norm1=b.ln_1, norm2=b.ln_2, mlp=b.mlp, scale1=b.ls_1,
+                                             scale2=b.ls_2) for b in blocks]
+        n_prefix = prefix.shape[1]
+        if None in layers or batch.real_length <= n_prefix or bool((batch.eot_index < n_prefix).any()):
             return None
-        suffix = suffix[:, : length - n_prefix]
+        packing = pack_suffixes(batch.eot_index, n_prefix, prefix.device)
         with self.autocast():
             cast = parts.transformer.get_cast_dtype()
-            pos = parts.positional_embedding[:length].to(cast)
-            n_contexts = prefix.shape[0]
-            h_p = prefix.to(cast) + pos[:n_prefix]
-            h_s = (suffix.to(cast) + pos[n_prefix:]).repeat(n_contexts, 1, 1)  # (B * C, S, W)
-            mask = parts.attn_mask[:length, :length] if getattr(parts, "attn_mask", None) is not None \
-                else torch.full((length, length), float("-inf"), device=h_p.device).triu_(1)
-            batch_first = getattr(parts.transformer, "batch_first", False)
-            c = h_s.shape[0]
-            per_prefix = c // n_contexts
-            for block in blocks:
-                kv = block.ln_1(torch.cat([h_p.repeat_interleave(per_prefix, dim=0), h_s], dim=1))
-                q = block.ln_1(h_s)
-                if batch_first:
-                    attn = block.attention(q_x=q, k_x=kv, v_x=kv, attn_mask=mask[n_prefix:, :])
-                else:
-                    attn = block.attention(q_x=q.transpose(0, 1), k_x=kv.transpose(0, 1), v_x=kv.transpose(0, 1),
-                                           attn_mask=mask[n_prefix:, :]).transpose(0, 1)
-                new_s = h_s + block.ls_1(attn)
-                new_s = new_s + block.ls_2(block.mlp(block.ln_2(new_s)))
-                p_in = h_p if batch_first else h_p.transpose(0, 1)
-                new_p = block(p_in, attn_mask=mask[:n_prefix, :n_prefix])
-                h_p, h_s = (new_p if batch_first else new_p.transpose(0, 1)), new_s
-            x = parts.ln_final(h_s)
-            pooled = x[torch.arange(c, device=x.device), batch.eot_index.repeat(n_contexts) - n_prefix]
+            pos = parts.positional_embedding.to(cast)
+            packed = suffix[packing.classes, packing.offsets].to(cast) + pos[n_prefix + packing.offsets]
+            ends = shared_prefix_forward(layers, prefix.to(cast) + pos[:n_prefix], packed, packing)
+            pooled = parts.ln_final(ends).flatten(0, 1)  # (B * C, W)
             projection = parts.text_projection
             if projection is not None:
                 pooled = projection(pooled) if isinstance(projection, nn.Module) else pooled @ projection
@@ -447,3 +429,4 @@ def load_open_clip(
     return OpenClipBackbone(model, _tokenizer_for(config, None), name, _preprocess_from(config, model),
                             device=device, precision=precision, source=weights,
                             config={"model_cfg": model_cfg, "weights": weights})
+

@@ -41,6 +41,7 @@ __all__ = [
     "cached_backbone",
     "classifier_outputs",
     "dataset_fingerprint",
+    "default_precision",
     "device_kind",
     "option",
     "package_versions",
@@ -48,6 +49,16 @@ __all__ = [
     "unreadable_hint",
     "unreadable_message",
 ]
+
+
+#: The precisions a frozen backbone runs in.
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def default_precision(device: Any) -> str:
+    """``auto`` precision: fp16 on CUDA (the published models' precision; the trained parameters
+    stay fp32), fp32 on CPU and MPS (half precision is slower than fp32 on CPUs)."""
+    return "fp16" if str(device).startswith("cuda") else "fp32"
 
 
 def option(default: Any = MISSING, help: str = "", **cli: Any) -> Any:
@@ -77,12 +88,19 @@ class RunConfigBase:
     method: str = option("", help="the method")
     weights: str | None = option(None, help="hub id, local directory or file", default_text="the family's hub id")
     seed: int = option(1, help="seed of everything random in the run (splits, initialisation, views, batches)")
-    precision: str = option("fp32", help="precision of the frozen backbone", choices=("fp32", "bf16", "fp16"))
+    precision: str = option("auto", help="precision of the frozen backbone (trained parameters stay fp32: the "
+                                         "context, fine-tuned weights' master copy); part of a run's identity",
+                            choices=("auto", *PRECISIONS),
+                            default_text="auto: fp16 on CUDA, fp32 elsewhere (recorded resolved)")
     device: str = option("cpu", help="torch device: cpu, cuda, cuda:1, mps")
     cache: str | None = option(None, help="feature cache directory",
                                default_text="$CALIBPROMPT_CACHE or ~/.cache/calibprompt")
     workers: int | None = option(None, help="image-decoding worker processes", default_text="cores - 1, at most 4")
     progress: bool = option(True, help="progress bars", cli=False)  # the CLI's --quiet
+
+    def __post_init__(self) -> None:
+        if self.precision == "auto":  # resolved at once: the config, its record and identity say which
+            object.__setattr__(self, "precision", default_precision(self.device))
 
     def check_types(self) -> None:
         """Every field holds a value of its declared type (a sweep file or a Python caller can pass
@@ -105,6 +123,8 @@ class RunConfigBase:
         if self.cache is not None and Path(self.cache).expanduser().exists() and not Path(self.cache).expanduser().is_dir():
             raise ValueError(f"cache: {self.cache} exists and is not a directory; expected the feature cache "
                              "directory (created if missing)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected auto, {', '.join(PRECISIONS)}, got {self.precision!r}")
         f = self.test_fraction
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1):
             raise ValueError(f"test_fraction: expected a number strictly between 0 and 1, got {f!r}")
