@@ -206,7 +206,8 @@ def test_shared_prefix_is_exact(backbones, case):
     b = backbones[case]
     shared = PromptLearner(b, CLASSES, n_ctx=5, seed=2, shared_prefix=True)
     plain = PromptLearner(b, CLASSES, n_ctx=5, seed=2, shared_prefix=False)
-    assert not PromptLearner(b, CLASSES[:2], n_ctx=5).use_shared_prefix  # auto: too few classes
+    assert not PromptLearner(b, CLASSES[:1], n_ctx=5).use_shared_prefix  # auto: nothing to share
+    assert PromptLearner(b, CLASSES[:2], n_ctx=5).use_shared_prefix
     assert shared.shares_prefix
     n = 1 + shared.n_ctx
     prefix = torch.cat([shared.base_embeddings[:1, :1], shared.ctx[None]], dim=1)

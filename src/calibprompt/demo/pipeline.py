@@ -29,6 +29,7 @@ from calibprompt.runs import (
     TPTRunConfig,
     build_report,
     execute_run,
+    execute_runs,
 )
 
 __all__ = ["CERTIFY_DEMO", "DEMO_METHODS", "DemoReport", "run_demo"]
@@ -87,7 +88,7 @@ def run_demo(
                                        **CERTIFY_DEMO) for variant in CERTIFY_VARIANTS]
     for config in [*configs, *certifications]:  # every seed and option checked before the first run
         config.resolved() if isinstance(config, TPTRunConfig) else config.validate()
-    runs = [execute_run(config, out / "runs").directory for config in configs]
+    runs = [result.directory for result in execute_runs(configs, out / "runs")]  # lockstep groups
     rows, written = build_report(out / "runs", out=out, runs=runs, n_bins=n_bins, n_resamples=n_resamples)
     certification = {variant: execute_run(config, out / "runs").metrics["certification"]
                       for variant, config in zip(CERTIFY_VARIANTS, certifications, strict=True)}

@@ -36,7 +36,7 @@ from calibprompt.runs.execute import RunResult, execute_group
 from calibprompt.runs.executors import ExecutorOptions, check_executor, chunks, map_units
 from calibprompt.runs.report import write_report
 
-__all__ = ["load_sweep", "lockstep_groups", "run_sweep"]
+__all__ = ["execute_runs", "load_sweep", "lockstep_groups", "run_sweep"]
 
 GRID_KEYS = ("backbones", "datasets", "methods", "seeds")
 #: Fields that the named lists above set per run (not allowed as common fields or in grid:).
@@ -158,28 +158,25 @@ def _sweep_unit(configs: list[Any], out: Path, force: bool, lockstep: int | None
     return execute_group(configs, out, force=force, group_size=lockstep)
 
 
-def run_sweep(path: str | Path, out: str | Path | None = None, force: bool = False,
-              on_run: Callable[[int, int, Any, RunResult], None] | None = None,
-              n_resamples: int = 1000, lockstep: int | None = None, executor: str = ExecutorOptions.executor,
-              address: str | None = ExecutorOptions.address,
-              ray_workers: int | None = ExecutorOptions.ray_workers) -> list[RunResult]:
-    """Execute every run of the sweep file (skipping finished ones) and write the report of these
-    runs into the output directory.
-
-    Prompt-tuning runs that share a backbone, data, prompt shape and step schedule train in
-    lockstep (:func:`~calibprompt.runs.execute.execute_group`): at most ``lockstep`` runs per
-    group (default: as many as fit the memory; 1 trains every run alone). Each run's results
-    equal its results alone up to floating-point rounding (tested: metrics within 1e-6).
+def execute_runs(configs: list[Any], out: str | Path, force: bool = False,
+                 on_run: Callable[[int, int, Any, RunResult], None] | None = None, lockstep: int | None = None,
+                 executor: str = ExecutorOptions.executor, address: str | None = ExecutorOptions.address,
+                 ray_workers: int | None = ExecutorOptions.ray_workers) -> list[RunResult]:
+    """Execute ``configs`` (skipping finished runs, resuming interrupted ones): prompt-tuning
+    runs that share a backbone, data, prompt shape and step schedule train in lockstep
+    (:func:`~calibprompt.runs.execute.execute_group`), at most ``lockstep`` runs per group
+    (default: as many as fit the memory; 1 trains every run alone) -- each run's results equal
+    its results alone up to floating-point rounding (tested: metrics within 1e-6). A config that
+    repeats an earlier one's run is executed once.
 
     ``executor="ray"`` runs the groups as Ray tasks (:func:`~calibprompt.runs.executors.map_units`;
     a group is cut into as many pieces as there are workers, so that one group also spreads over
     them): every run's result equals the serial executor's, finished runs are skipped on restart.
-    """
+    ``on_run(i, total, config, result)`` is called as runs finish."""
     if lockstep is not None and (isinstance(lockstep, bool) or not isinstance(lockstep, int) or lockstep < 1):
         raise ValueError(f"lockstep: expected a positive number of runs per group, got {lockstep!r}")
     check_executor(executor, address, ray_workers)
-    configs, default_out = load_sweep(path)
-    target = Path(out) if out is not None else default_out
+    target = Path(out)
     first: dict[str, int] = {}
     same = [first.setdefault(_same_run(config), i) for i, config in enumerate(configs)]
     unique = sorted(set(same))
@@ -208,5 +205,19 @@ def run_sweep(path: str | Path, out: str | Path | None = None, force: bool = Fal
 
     map_units(_sweep_unit, units, executor, address=address, workers=ray_workers, on_done=finished,
               description="sweep: run groups", progress=quiet and any(c.progress for c in configs))
-    write_report(target, runs=[r.directory for r in results], n_resamples=n_resamples)
     return results  # type: ignore[return-value]
+
+
+def run_sweep(path: str | Path, out: str | Path | None = None, force: bool = False,
+              on_run: Callable[[int, int, Any, RunResult], None] | None = None,
+              n_resamples: int = 1000, lockstep: int | None = None, executor: str = ExecutorOptions.executor,
+              address: str | None = ExecutorOptions.address,
+              ray_workers: int | None = ExecutorOptions.ray_workers) -> list[RunResult]:
+    """Execute every run of the sweep file -- :func:`execute_runs`: lockstep groups (at most
+    ``lockstep`` runs each), on ``executor`` -- and write the report of these runs into the
+    output directory."""
+    configs, default_out = load_sweep(path)
+    target = Path(out) if out is not None else default_out
+    results = execute_runs(configs, target, force, on_run, lockstep, executor, address, ray_workers)
+    write_report(target, runs=[r.directory for r in results], n_resamples=n_resamples)
+    return results
