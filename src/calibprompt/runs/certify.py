@@ -60,7 +60,7 @@ from calibprompt.runs.common import (
     test_split_record,
 )
 from calibprompt.runs.directory import RunDirectory, write_npz
-from calibprompt.runs.executors import ExecutorOptions, check_executor, map_units
+from calibprompt.runs.executors import ExecutorOptions, check_executor, gpu_share, map_units
 from calibprompt.runs.identity import RunIdentity, run_name
 from calibprompt.runs.tpt import initial_learner, stratified_subset
 
@@ -306,7 +306,7 @@ def _work(config: CertifyRunConfig, directory: RunDirectory, store: FeatureStore
     map_units(certify_images, units, config.executor, address=config.address, workers=config.ray_workers,
               on_done=finished, description=f"certifying sigma {config.sigma:g} ({len(done)} of {len(test)} done "
                                             "before)" if done else f"certifying sigma {config.sigma:g}",
-              progress=config.progress)
+              progress=config.progress, gpus=gpu_share(config.device))
     if not resolution:  # resumed with every image done: the input shape of the backbone
         size = pixel_transform(_setup(config).backbone.image_transform())
         resolution = list(size.to_pixels(Image.new("RGB", (8, 8))).shape)

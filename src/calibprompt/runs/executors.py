@@ -28,7 +28,7 @@ from typing import Any
 from calibprompt.progress import unit_progress
 from calibprompt.runs.common import option
 
-__all__ = ["EXECUTORS", "ExecutorOptions", "check_executor", "chunks", "map_units"]
+__all__ = ["EXECUTORS", "ExecutorOptions", "check_executor", "chunks", "gpu_share", "map_units"]
 
 #: The executors: ``serial`` (this process, in order) and ``ray`` (Ray tasks).
 EXECUTORS = ("serial", "ray")
@@ -70,7 +70,7 @@ def check_executor(executor: str, address: str | None, workers: int | None) -> N
 def map_units(fn: Callable[..., Any], units: Sequence[tuple[Any, ...]], executor: str = "serial", *,
               address: str | None = None, workers: int | None = None,
               on_done: Callable[[int, Any], None] | None = None, description: str = "units",
-              progress: bool = True) -> list[Any]:
+              progress: bool = True, gpus: float = 0.0) -> list[Any]:
     """``[fn(*unit) for unit in units]`` on ``executor``; ``on_done(i, result)`` is called in this
     process as each unit finishes (in order for ``serial``, as they come for ``ray``). The progress
     display counts units done / running / failed.
@@ -78,7 +78,8 @@ def map_units(fn: Callable[..., Any], units: Sequence[tuple[Any, ...]], executor
     ``ray``: a local Ray with ``workers`` worker processes (default: the CPUs) unless Ray is
     already initialised or ``address`` names a cluster (``"auto"``, ``"ray://host:10001"``); a Ray
     started here is shut down at the end. Each task gets one CPU and sets torch's threads to the
-    CPUs per worker."""
+    CPUs per worker; with ``gpus`` (units on ``--device cuda``) each task also asks Ray for that
+    share of a GPU -- Ray hides the GPUs from tasks that do not ask -- and sees its GPU as ``cuda``."""
     check_executor(executor, address, workers)
     if executor == "serial":
         results = []
@@ -95,7 +96,7 @@ def map_units(fn: Callable[..., Any], units: Sequence[tuple[Any, ...]], executor
                 if on_done is not None:
                     on_done(i, result)
         return results
-    return _ray_map(fn, units, address, workers, on_done, description, progress)
+    return _ray_map(fn, units, address, workers, on_done, description, progress, gpus)
 
 
 def _call(fn: Callable[..., Any], unit: tuple[Any, ...], threads: int) -> Any:
@@ -107,7 +108,8 @@ def _call(fn: Callable[..., Any], unit: tuple[Any, ...], threads: int) -> Any:
 
 
 def _ray_map(fn: Callable[..., Any], units: Sequence[tuple[Any, ...]], address: str | None, workers: int | None,
-             on_done: Callable[[int, Any], None] | None, description: str, progress: bool) -> list[Any]:
+             on_done: Callable[[int, Any], None] | None, description: str, progress: bool,
+             gpus: float) -> list[Any]:
     import ray
     from ray.exceptions import RayError, RayTaskError
 
@@ -122,7 +124,7 @@ def _ray_map(fn: Callable[..., Any], units: Sequence[tuple[Any, ...]], address: 
     try:
         slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
         threads = max(1, (os.cpu_count() or 1) // slots) if address is None else 1
-        task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_call)
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=MAX_RETRIES, retry_exceptions=False)(_call)
         refs = {task.remote(fn, unit, threads): i for i, unit in enumerate(units)}
         results: list[Any] = [None] * len(units)
         failures: list[tuple[int, BaseException]] = []
@@ -156,6 +158,11 @@ def _ray_map(fn: Callable[..., Any], units: Sequence[tuple[Any, ...]], address: 
     finally:
         if started:
             ray.shutdown()
+
+
+def gpu_share(device: str) -> float:
+    """The share of a GPU a Ray task of a run on ``device`` asks for: one GPU for CUDA, none else."""
+    return 1.0 if str(device).startswith("cuda") else 0.0
 
 
 def chunks(items: Sequence[Any], pieces: int) -> list[list[Any]]:

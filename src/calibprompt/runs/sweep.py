@@ -33,7 +33,7 @@ import yaml
 
 from calibprompt.runs.apply import KINDS
 from calibprompt.runs.execute import RunResult, execute_group
-from calibprompt.runs.executors import ExecutorOptions, check_executor, chunks, map_units
+from calibprompt.runs.executors import ExecutorOptions, check_executor, chunks, gpu_share, map_units
 from calibprompt.runs.report import write_report
 
 __all__ = ["execute_runs", "load_sweep", "lockstep_groups", "run_sweep"]
@@ -158,6 +158,12 @@ def _sweep_unit(configs: list[Any], out: Path, force: bool, lockstep: int | None
     return execute_group(configs, out, force=force, group_size=lockstep)
 
 
+def _check_options(lockstep: Any, executor: str, address: str | None, ray_workers: Any) -> None:
+    if lockstep is not None and (isinstance(lockstep, bool) or not isinstance(lockstep, int) or lockstep < 1):
+        raise ValueError(f"lockstep: expected a positive number of runs per group, got {lockstep!r}")
+    check_executor(executor, address, ray_workers)
+
+
 def execute_runs(configs: list[Any], out: str | Path, force: bool = False,
                  on_run: Callable[[int, int, Any, RunResult], None] | None = None, lockstep: int | None = None,
                  executor: str = ExecutorOptions.executor, address: str | None = ExecutorOptions.address,
@@ -173,9 +179,7 @@ def execute_runs(configs: list[Any], out: str | Path, force: bool = False,
     a group is cut into as many pieces as there are workers, so that one group also spreads over
     them): every run's result equals the serial executor's, finished runs are skipped on restart.
     ``on_run(i, total, config, result)`` is called as runs finish."""
-    if lockstep is not None and (isinstance(lockstep, bool) or not isinstance(lockstep, int) or lockstep < 1):
-        raise ValueError(f"lockstep: expected a positive number of runs per group, got {lockstep!r}")
-    check_executor(executor, address, ray_workers)
+    _check_options(lockstep, executor, address, ray_workers)
     target = Path(out)
     first: dict[str, int] = {}
     same = [first.setdefault(_same_run(config), i) for i, config in enumerate(configs)]
@@ -204,7 +208,8 @@ def execute_runs(configs: list[Any], out: str | Path, force: bool = False,
                 done += 1
 
     map_units(_sweep_unit, units, executor, address=address, workers=ray_workers, on_done=finished,
-              description="sweep: run groups", progress=quiet and any(c.progress for c in configs))
+              description="sweep: run groups", progress=quiet and any(c.progress for c in configs),
+              gpus=max((gpu_share(c.device) for c in configs), default=0.0))
     return results  # type: ignore[return-value]
 
 
@@ -216,6 +221,7 @@ def run_sweep(path: str | Path, out: str | Path | None = None, force: bool = Fal
     """Execute every run of the sweep file -- :func:`execute_runs`: lockstep groups (at most
     ``lockstep`` runs each), on ``executor`` -- and write the report of these runs into the
     output directory."""
+    _check_options(lockstep, executor, address, ray_workers)  # the options first, then the file
     configs, default_out = load_sweep(path)
     target = Path(out) if out is not None else default_out
     results = execute_runs(configs, target, force, on_run, lockstep, executor, address, ray_workers)
