@@ -62,7 +62,7 @@ def world(tmp_path_factory) -> Path:
     """A user's working directory: an image folder with train/test splits, the variants of it a
     user gets wrong, a finished run, and a warm feature cache."""
     root = tmp_path_factory.mktemp("world")
-    base = write_demo_dataset(root / "gen", per_class={"train": 10, "test": 3}, seed=0)
+    base = write_demo_dataset(root / "gen", per_class={"train": 10, "test": 4}, seed=0)
     data = root / "data"
     shutil.copytree(base / "images", data)
     shutil.copy(base / "classnames.txt", data / "classnames.txt")
@@ -149,7 +149,10 @@ CASES = [
     Case("not a number", train("--lr", "abc"), ["--lr", "invalid float value: 'abc'"]),
     Case("zero validation", train("--val-per-class", "0"), ["val_per_class", "positive integer"]),
     Case("too many validation images", train("--val-per-class", "99", "--shots", "2"),
-         ["--val-per-class 99", "left for validation"]),
+         ["--val-per-class 99", "left after the few-shot split"]),
+    Case("too many calibration images", train("--calib-per-class", "99", "--shots", "2"),
+         ["--calib-per-class 99", "left after the few-shot split", "calibration"]),
+    Case("zero calibration", train("--calib-per-class", "0"), ["calib_per_class", "positive integer"]),
     Case("too many shots", train("--shots", "50"), ["--shots 50", "fewer images"]),
     Case("test fraction above 1", train("--test-fraction", "1.5"), ["test_fraction", "between 0 and 1"]),
     Case("test fraction 0", train("--test-fraction", "0"), ["test_fraction", "between 0 and 1"]),
@@ -360,12 +363,12 @@ def test_held_out_test_fraction_is_seeded_disjoint_recorded_and_reported(world, 
     config = json.loads((run / "config.json").read_text())
     assert config["identity"]["config"]["test_fraction"] == 0.34
     classes = sorted(p.name for p in (world / "flat").iterdir() if p.is_dir())
-    assert config["test_split"] == {"held_out_fraction": 0.34, "images": len(classes), "of": 3 * len(classes),
+    assert config["test_split"] == {"held_out_fraction": 0.34, "images": len(classes), "of": 4 * len(classes),
                                     "seed": 0}
     with np.load(run / "predictions.npz") as preds:
         test_files = set(preds["test_files"].tolist())
-        assert len(test_files) == len(classes)  # round(0.34 * 3) = 1 per class
-    used = {f for name in ("few_shot", "validation") for f in
+        assert len(test_files) == len(classes)  # round(0.34 * 4) = 1 per class; 3 left: 1 shot, 1 tuning, 1 calibration
+    used = {f for name in ("few_shot", "validation", "calibration") for f in
             json.loads((run / "splits" / f"{name}.json").read_text())["files"]}
     assert used and not used & test_files  # the held-out test images never train or validate
     # the same test images for every seed (the split does not depend on the run seed)

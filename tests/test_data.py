@@ -13,6 +13,7 @@ from calibprompt.data import (
     DataError,
     FeatureStore,
     SplitManifest,
+    calibration_split,
     few_shot,
     load_dataset,
     validation_split,
@@ -163,6 +164,53 @@ def test_validation_never_overlaps_few_shot_or_test(tmp_path):
     test = load_dataset("rsna18", tmp_path, "test")
     with pytest.raises(DataError, match="refusing to carve validation data from the test split"):
         validation_split(test, exclude=shots)
+
+
+def test_calibration_split_is_disjoint_seeded_and_leaves_the_tuning_split_as_it_was(tmp_path):
+    make_dataset_tree(tmp_path, "rsna18", per_class=[20, 20, 20])
+    train = load_dataset("rsna18", tmp_path, "train")
+    shots = few_shot(train, 4, seed=3)
+    tuning = validation_split(train, exclude=shots, per_class=5, seed=3)
+    calib = calibration_split(train, exclude=[shots, tuning], per_class=6, seed=3, manifest_path=tmp_path / "c.json")
+    assert calib.kind == "calibration" and np.bincount(calib.labels).tolist() == [6, 6, 6]
+    assert not set(calib.files) & (set(shots.files) | set(tuning.files))
+    # its own stream: the same seed draws the same calibration images, and the tuning split does not
+    # depend on whether a calibration split is drawn after it
+    again = calibration_split(train, exclude=[shots, tuning], per_class=6, seed=3)
+    assert again.files == calib.files and validation_split(train, exclude=shots, per_class=5, seed=3).files == tuning.files
+    assert calibration_split(train, exclude=[shots, tuning], per_class=6, seed=4).files != calib.files
+    assert calibration_split(train, exclude=[shots, tuning], per_class=6, seed=3,
+                             manifest_path=tmp_path / "c.json").files == calib.files  # the manifest is reused
+    with pytest.raises(DataError, match="holds a different split"):
+        validation_split(train, exclude=shots, per_class=6, seed=3, manifest_path=tmp_path / "c.json")
+    with pytest.raises(DataError, match="refusing to carve calibration data from the test split"):
+        calibration_split(load_dataset("rsna18", tmp_path, "test"), exclude=[shots])
+
+
+@pytest.mark.parametrize(("val", "calib", "left", "expected"), [
+    (None, None, 20, (8, 8)),     # both defaults fit (C = 9: max(4, ceil(64 / 9)) = 8)
+    (None, None, 10, (5, 5)),     # too few: half each
+    (None, None, 5, (2, 3)),
+    (3, None, 8, (3, 5)),         # a set size is kept, the other gets what is left (up to its default)
+    (None, 2, 20, (8, 2)),
+    (4, 4, 8, (4, 4)),
+])
+def test_labelled_sizes(tmp_path, val, calib, left, expected):
+    from calibprompt.runs.common import labelled_sizes
+
+    make_dataset_tree(tmp_path, "kather", per_class=[left + 2] * 9, splits=["train"])
+    train = load_dataset("kather", tmp_path, "train")
+    assert labelled_sizes(train, 2, val, calib, "kather") == expected
+
+
+@pytest.mark.parametrize(("val", "calib", "left"), [(None, None, 1), (8, None, 8), (5, 5, 8), (None, 3, 3)])
+def test_labelled_sizes_refuses_a_pool_too_small(tmp_path, val, calib, left):
+    from calibprompt.runs.common import labelled_sizes
+
+    make_dataset_tree(tmp_path, "kather", per_class=[left + 2] * 9, splits=["train"])
+    train = load_dataset("kather", tmp_path, "train")
+    with pytest.raises(DataError, match="--val-per-class .* / --calib-per-class .*left after the few-shot split"):
+        labelled_sizes(train, 2, val, calib, "kather")
 
 
 def test_small_classes_and_corrupt_images(tmp_path):

@@ -34,9 +34,10 @@ def test_run_directory_contents_and_skip(demo_root, tmp_path):
     cfg = config(demo_root, tmp_path / "cache")
     result = execute_run(cfg, tmp_path / "runs")
     d = result.directory
-    assert d.parent.parent.parent.name == "demo" and d.name.startswith("4shot-seed1-epochs3-")
+    assert d.parent.parent.parent.name == "demo" and d.name.startswith("4shot-seed1-calibperclass5-epochs3-")
     for name in ("config.json", "metrics.json", "predictions.npz", "prompt.safetensors", "log.json",
-                 "classifier.safetensors", "reliability.png", "splits/few_shot.json", "splits/validation.json"):
+                 "classifier.safetensors", "reliability.png", "splits/few_shot.json", "splits/validation.json",
+                 "splits/calibration.json"):
         assert (d / name).is_file(), name
     assert not (d / "checkpoint.json").exists() and not list(d.parent.glob(".*"))  # no leftovers
     record = json.loads((d / "config.json").read_text())
@@ -51,7 +52,10 @@ def test_run_directory_contents_and_skip(demo_root, tmp_path):
     preds = np.load(d / "predictions.npz")
     assert preds["test_logits"].shape == (80, 4) and metrics["uncalibrated"]["n_samples"] == 80
     assert preds["test_files"].tolist() == sorted(preds["test_files"].tolist()) and preds["val_logits"].shape == (12, 4)
-    assert metrics["calibrator"] == {"name": "temperature", "split": "validation", "n_images": 12}
+    # calibration: the default 16 per class, at most the 12 - 4 shots - 3 tuning = 5 left
+    assert preds["calib_logits"].shape == (20, 4) and identity["config"]["calib_per_class"] == 5
+    assert not set(preds["calib_files"]) & set(preds["val_files"])  # disjoint labelled splits
+    assert metrics["calibrator"] == {"name": "temperature", "split": "calibration", "n_images": 20}
     assert metrics["temperature_scaled"]["accuracy"] == metrics["uncalibrated"]["accuracy"]
     assert len(json.loads((d / "log.json").read_text())) == 3
     again = execute_run(cfg, tmp_path / "runs")

@@ -111,14 +111,15 @@ def test_grid_runs_separate_rows_and_names_what_varies(tmp_path, roots, capsys):
 
 @pytest.fixture(scope="module")
 def finished(roots, tmp_path_factory):
-    """A prompt-tuning run and a test-time run (with a validation split) on the first root."""
+    """A prompt-tuning run and a test-time run (with tuning and calibration splits) on the first root."""
     tmp = tmp_path_factory.mktemp("finished")
     common = ["--backbone", "demo", "--dataset", "imagefolder", "--root", str(roots[0]), "--out", str(tmp / "runs"),
               "--cache", str(tmp / "cache"), "--workers", "0", "--quiet"]
     assert main(["train", *common, "--method", "ce", "--shots", "2", "--epochs", "1", "--views", "1",
                  "--val-per-class", "2"]) == 0
     assert main(["tpt", *common, "--method", "ctpt", "zeroshot", "--views", "4"]) == 0
-    assert main(["tpt", *common, "--method", "tpt", "--views", "4", "--val-per-class", "2"]) == 0
+    assert main(["tpt", *common, "--method", "tpt", "--views", "4", "--val-per-class", "2",
+                 "--calib-per-class", "2"]) == 0
     runs = {d.parent.name: d for d in (tmp / "runs").glob("imagefolder/demo/*/*")}
     return tmp, runs
 
@@ -147,7 +148,7 @@ def test_predict_applies_every_kind_of_run_to_new_images(finished, roots, tmp_pa
         has_ts = "temperature" in json.loads((run / "metrics.json").read_text())
         assert (f"p_temperature_scaled[{classnames[0]}]" in table[0]) == has_ts == (info["calibrator"] is not None)
         if has_ts:
-            assert info["calibrator"]["split"] == "validation"
+            assert info["calibrator"]["split"] == "calibration"
     # the same from Python
     result = load_run(runs["ce"]).predict([sorted(folder.rglob("*.png"))[0]], cache=str(tmp / "cache"),
                                           workers=0, progress=False)
@@ -182,14 +183,14 @@ def test_external_evaluation_calibrate_and_metrics_on_every_kind(finished, roots
     assert main(["evaluate", str(runs["ce"]), "--dataset", "imagefolder", "--root", str(wrong)]) == 2
     assert "not the run's classes" in capsys.readouterr().err
 
-    # calibrate: a test-time run without a validation split refuses in one line, saying how
+    # calibrate: a test-time run without a calibration split refuses in one line, saying how
     assert main(["calibrate", str(runs["tpt-ctpt"])]) == 2
     err = capsys.readouterr().err
-    assert "--val-per-class" in err and len(err.strip().splitlines()) == 1
+    assert "--calib-per-class" in err and len(err.strip().splitlines()) == 1
     for name in ("ce", "tpt-tpt"):
         assert main(["calibrate", str(runs[name]), "--calibrator", "isotonic"]) == 0
-        assert json.loads((runs[name] / "calibration_isotonic.json").read_text())["fitted_on"].startswith("validation")
-        # metrics reads a run's own predictions file (and directory), fitting on its validation arrays
+        assert json.loads((runs[name] / "calibration_isotonic.json").read_text())["fitted_on"].startswith("calibration")
+        # metrics reads a run's own predictions file (and directory), fitting on its calibration arrays
         own = json.loads((runs[name] / "metrics.json").read_text())
         bins = ["--n-bins", str(own["n_bins"])]  # 20 for test-time runs, as their papers
         assert main(["metrics", str(runs[name] / "predictions.npz"), *bins, "--json", str(tmp_path / f"{name}.json")]) == 0

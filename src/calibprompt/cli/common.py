@@ -13,6 +13,7 @@ from rich.table import Table
 
 from calibprompt.metrics import bootstrap_many
 from calibprompt.runs import Run, load_run
+from calibprompt.runs.directory import calibration_prefix
 
 __all__ = ["CLIError", "add_intervals", "add_run_output_options", "is_run_predictions", "load_predictions",
            "load_run_or_fail",
@@ -61,7 +62,8 @@ def is_run_predictions(path: str) -> bool:
 def load_predictions(path: str, what: str, prefix: str = "") -> tuple[np.ndarray, np.ndarray, bool]:
     """(scores, labels, are_logits) from an .npz file with labels and logits or probs -- or a run's
     own ``predictions.npz`` (or its directory), whose arrays are ``test_logits`` / ``test_labels``
-    (``prefix="val_"`` reads its validation arrays)."""
+    (``prefix="fit"``: the arrays a calibrator is fitted on -- its calibration split, or the
+    validation split of a run made before the calibration split existed)."""
     file = Path(path)
     if file.is_dir() and (file / "predictions.npz").is_file():
         file = file / "predictions.npz"
@@ -71,11 +73,11 @@ def load_predictions(path: str, what: str, prefix: str = "") -> tuple[np.ndarray
         with np.load(file, allow_pickle=False) as data:
             keys = set(data.files)
             if "test_logits" in keys or prefix:
-                split = prefix or "test_"
+                split = (calibration_prefix(keys) or "calib_") if prefix == "fit" else (prefix or "test_")
                 if f"{split}logits" not in keys:
                     raise CLIError(f"{what} {path}: this run's predictions have no {split[:-1]} split "
                                    f"(arrays: {sorted(keys)}); test-time runs have one when run with "
-                                   "--val-per-class N")
+                                   "--calib-per-class N")
                 return data[f"{split}logits"], data[f"{split}labels"], True
             if "labels" not in keys or not ({"logits", "probs"} & keys):
                 raise CLIError(

@@ -13,7 +13,14 @@ from rich.table import Table
 
 from calibprompt.backbones import load_backbone
 from calibprompt.cli.options import default_of, help_with_default
-from calibprompt.data import FeatureStore, SplitManifest, few_shot, load_dataset, validation_split
+from calibprompt.data import (
+    FeatureStore,
+    SplitManifest,
+    calibration_split,
+    few_shot,
+    load_dataset,
+    validation_split,
+)
 from calibprompt.runs.common import RunConfigBase
 
 EXAMPLES = {
@@ -28,6 +35,7 @@ encodes nothing that is already there.""",
     "splits": """examples:
   calibprompt splits --dataset kather --root ~/data --shots 8 --seeds 1 2 3
   calibprompt splits --dataset covid --root ~/data --shots 8 --seeds 1 --validation --out splits/
+  calibprompt splits --dataset kather --root ~/data --shots 8 --validation --calibration
 
 Manifests are drawn from the sorted train listing with the given seed, so they are identical on
 every machine; existing manifests are validated and reused.""",
@@ -73,12 +81,19 @@ def cmd_splits(args: argparse.Namespace) -> int:
         shots = few_shot(train, args.shots, seed, strict=args.strict, manifest_path=path)
         counts = np.bincount(shots.labels, minlength=len(shots.classnames)).tolist()
         table.add_row(str(seed), "few-shot", str(len(shots)), str(counts), str(path))
+        val = None
         if args.validation:
             vpath = out / f"{args.dataset}_{args.shots}shot_seed{seed}_validation.json"
             val = validation_split(train, exclude=shots, per_class=args.val_per_class, seed=seed,
                                    strict=args.strict, manifest_path=vpath)
             vcounts = np.bincount(val.labels, minlength=len(val.classnames)).tolist()
-            table.add_row(str(seed), "validation", str(len(val)), str(vcounts), str(vpath))
+            table.add_row(str(seed), "tuning (validation)", str(len(val)), str(vcounts), str(vpath))
+        if args.calibration:
+            cpath = out / f"{args.dataset}_{args.shots}shot_seed{seed}_calibration.json"
+            calib = calibration_split(train, exclude=[shots, val], per_class=args.calib_per_class, seed=seed,
+                                      strict=args.strict, manifest_path=cpath)
+            ccounts = np.bincount(calib.labels, minlength=len(calib.classnames)).tolist()
+            table.add_row(str(seed), "calibration", str(len(calib)), str(ccounts), str(cpath))
     Console().print(table)
     return 0
 
@@ -108,14 +123,21 @@ def register(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p.add_argument("--strict", action="store_true", help="abort on the first unreadable image")
     p.set_defaults(func=cmd_extract)
 
-    p = add("splits", "draw reproducible few-shot (and validation) split manifests", EXAMPLES["splits"])
+    p = add("splits", "draw reproducible few-shot (and tuning, calibration) split manifests", EXAMPLES["splits"])
     p.add_argument("--dataset", required=True, help=_HELP["dataset"])
     p.add_argument("--root", required=True, help=_HELP["root"])
     p.add_argument("--shots", type=int, required=True, help="labelled images per class")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help=help_with_default("seeds", "1 2 3"))
     p.add_argument("--out", default="splits", help=help_with_default("directory for the manifests", "splits"))
-    p.add_argument("--validation", action="store_true", help="also draw a validation split per seed")
+    p.add_argument("--validation", action="store_true",
+                   help="also draw a tuning split per seed (for hyperparameter selection; the name is kept from "
+                        "before the calibration split existed)")
     p.add_argument("--val-per-class", type=int,
-                   **_default(validation_split, "per_class", "validation images per class (none: max(4, 64 / classes))"))
+                   **_default(validation_split, "per_class", "tuning images per class (none: max(4, 64 / classes))"))
+    p.add_argument("--calibration", action="store_true",
+                   help="also draw a calibration split per seed, disjoint from the shots and the tuning split (for "
+                        "post-hoc calibrators and decision methods)")
+    p.add_argument("--calib-per-class", type=int,
+                   **_default(calibration_split, "per_class", "calibration images per class (none: max(4, 64 / classes))"))
     p.add_argument("--strict", action="store_true", help="fail on small classes and unreadable images")
     p.set_defaults(func=cmd_splits)

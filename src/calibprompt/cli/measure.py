@@ -44,11 +44,11 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     if args.calibrate:
         if not are_logits:
             raise CLIError(f"--calibrate needs logits, but {args.predictions} holds probs")
-        if args.fit_on:  # a run's predictions file is fitted on its validation arrays, never its test arrays
+        if args.fit_on:  # a run's predictions file is fitted on its calibration arrays, never its test arrays
             fit_scores, fit_labels, fit_logits = load_predictions(
-                args.fit_on, "--fit-on", "val_" if is_run_predictions(args.fit_on) else "")
+                args.fit_on, "--fit-on", "fit" if is_run_predictions(args.fit_on) else "")
         elif is_run_predictions(args.predictions):
-            fit_scores, fit_labels, fit_logits = load_predictions(args.predictions, "--calibrate", "val_")
+            fit_scores, fit_labels, fit_logits = load_predictions(args.predictions, "--calibrate", "fit")
         else:
             raise CLIError("--calibrate needs --fit-on FILE.npz (a labelled set other than the test set)")
         if not fit_logits:

@@ -23,6 +23,7 @@ from calibprompt.files import write_json
 from calibprompt.metrics import evaluate
 from calibprompt.runs import Run, collect_images, write_report
 from calibprompt.runs.apply import write_prediction_files
+from calibprompt.runs.directory import calibration_prefix
 
 EXAMPLES = {
     "report": """examples:
@@ -49,8 +50,9 @@ p_temperature_scaled[<class>]... when the run has a fitted temperature) and OUT/
   calibprompt calibrate RUN_DIR --calibrator temperature
   calibprompt calibrate RUN_DIR --calibrator isotonic
 
-Fits on the run's validation logits (never test) and writes calibration_<name>.json.
-Test-time (tpt) runs have validation logits only when run with --val-per-class N.""",
+Fits on the run's calibration logits (never test; runs made before the calibration split existed:
+their validation logits) and writes calibration_<name>.json. Test-time (tpt) runs have
+calibration logits only when run with --calib-per-class N.""",
 }
 
 
@@ -92,14 +94,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     run = load_run_or_fail(args.run)
     preds = run.predictions()
-    if "val_logits" not in preds:
-        how = ("rerun it with --val-per-class N to adapt a validation split of the train pool too"
+    prefix = calibration_prefix(preds)
+    if prefix is None:
+        how = ("rerun it with --calib-per-class N to adapt a calibration split of the train pool too"
                if run.kind == "tpt" else "rerun it with this version of calibprompt")
-        raise CLIError(f"{run.directory}: the run has no validation predictions to fit a calibrator on; {how}")
-    calibrator = CALIBRATORS[args.calibrator]().fit(preds["val_logits"], preds["val_labels"])
+        raise CLIError(f"{run.directory}: the run has no calibration predictions to fit a calibrator on; {how}")
+    calibrator = CALIBRATORS[args.calibrator]().fit(preds[f"{prefix}logits"], preds[f"{prefix}labels"])
     result = evaluate(calibrator.transform(preds["test_logits"]), preds["test_labels"], n_bins=args.n_bins)
     result["calibrator"] = calibrator.to_dict()
-    result["fitted_on"] = f"validation split ({len(preds['val_labels'])} images)"
+    split = "calibration" if prefix == "calib_" else "validation"
+    result["fitted_on"] = f"{split} split ({len(preds[f'{prefix}labels'])} images)"
     print_metrics(result)
     write_json(run.directory / f"calibration_{args.calibrator}.json", result)
     return 0

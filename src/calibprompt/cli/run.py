@@ -41,7 +41,8 @@ views, one AdamW step (lr 5e-3), fp16 autocast on CUDA, ECE with 20 bins. Regula
 C-TPT 50, O-TPT 18, SoC 50 with Huber delta 0.3 (SoC publishes none; chosen on the demo's
 train split). Every method run with the same --seed sees the same cached
 views; each method writes its own run directory, a finished one is skipped (--force), an
-interrupted one resumes. --val-per-class N also adapts a validation split (for calibrate).""",
+interrupted one resumes. --calib-per-class N also adapts a calibration split of the train pool
+(temperature scaling is fitted there; calibrate needs it); --val-per-class N a tuning split.""",
     "certify": """examples:
   calibprompt certify --backbone plip --dataset kather --root ~/data --sigma 0.1 0.25 0.5 1.0
   calibprompt certify --backbone plip --dataset kather --root ~/data --prompt runs/kather/plip/ce/8shot-seed1-0123456789

@@ -4,6 +4,8 @@ from calibprompt.data.datasets import DATASETS, DataError, Dataset, list_dataset
 from calibprompt.data.features import FeatureResult, FeatureStore, default_cache_dir
 from calibprompt.data.splits import (
     SplitManifest,
+    calibration_split,
+    default_per_class,
     few_shot,
     holdout_split,
     load_train_test,
@@ -17,7 +19,9 @@ __all__ = [
     "FeatureResult",
     "FeatureStore",
     "SplitManifest",
+    "calibration_split",
     "default_cache_dir",
+    "default_per_class",
     "few_shot",
     "holdout_split",
     "list_datasets",

@@ -1,4 +1,4 @@
-"""Reproducible few-shot and validation splits, saved as JSON manifests.
+"""Reproducible few-shot, tuning and calibration splits, saved as JSON manifests.
 
 ``few_shot(dataset, shots, seed)`` draws ``shots`` images per class from the **sorted** file list
 with a seeded generator (the published code samples in filesystem order, so the same seed gave
@@ -6,9 +6,11 @@ different subsets on different machines). Files that do not decode are skipped i
 recorded with their reason. A manifest stores relative paths, labels, content hashes and the
 dataset fingerprint; loading one validates that every file still exists with the same content.
 
-``validation_split(dataset, exclude=manifest, ...)`` carves a class-balanced labelled set from the
-*train* pool minus the few-shot images -- for hyperparameter choice and post-hoc calibration,
-never from test.
+Labelled images beyond the few shots have one purpose each, all drawn from the *train* pool, never
+from test: ``validation_split(dataset, exclude=few_shot_manifest, ...)`` is the **tuning** split
+(hyperparameter choice; the name "validation" is kept for existing scripts and manifests), and
+``calibration_split(dataset, exclude=[few_shot, tuning], ...)`` the disjoint **calibration** split
+(post-hoc calibrators, decision methods). Each has its own seeded stream.
 
 ``load_train_test(name, root, test_fraction=None)`` is how runs get their train and test splits:
 the dataset's own (with the class lists cross-checked), or -- for a folder or CSV without a
@@ -31,11 +33,11 @@ from calibprompt.data.datasets import ALL, DataError, Dataset, load_dataset
 from calibprompt.data.images import check_image, file_hash
 from calibprompt.files import write_json
 
-__all__ = ["HOLDOUT_SEED", "SplitManifest", "few_shot", "holdout_split", "load_train_test", "split_rng",
-           "validation_split"]
+__all__ = ["HOLDOUT_SEED", "SplitManifest", "calibration_split", "default_per_class", "few_shot", "holdout_split",
+           "load_train_test", "split_rng", "validation_split"]
 
 MANIFEST_VERSION = 1
-_STREAMS = {"few_shot": 1, "validation": 2, "holdout": 3}
+_STREAMS = {"few_shot": 1, "validation": 2, "holdout": 3, "calibration": 4}
 
 #: The seed of every held-out test set: independent of the run seed, so that every seed and
 #: method of an experiment is measured on the same images.
@@ -195,25 +197,48 @@ def validation_split(
     dataset: Dataset, exclude: SplitManifest | None = None, per_class: int | None = None,
     seed: int = 0, *, strict: bool = False, manifest_path: str | Path | None = None,
 ) -> SplitManifest:
-    """A class-balanced validation set from ``dataset`` (a *train* split) minus the files of
-    ``exclude`` (the few-shot manifest). ``per_class`` defaults to ``max(4, ceil(64 / C))`` --
-    about 64 images, above the 40-50 that temperature scaling needs (Tu et al. 2024)."""
+    """The **tuning** split (its historical name: validation): a class-balanced labelled set from
+    ``dataset`` (a *train* split) minus the files of ``exclude`` (the few-shot manifest), used to
+    choose hyperparameters. ``per_class`` defaults to ``max(4, ceil(64 / C))``."""
+    return _labelled_split("validation", dataset, [exclude], per_class, seed, strict, manifest_path)
+
+
+def calibration_split(
+    dataset: Dataset, exclude: Sequence[SplitManifest | None] = (), per_class: int | None = None,
+    seed: int = 0, *, strict: bool = False, manifest_path: str | Path | None = None,
+) -> SplitManifest:
+    """The **calibration** split: a class-balanced labelled set from ``dataset`` (a *train* split)
+    minus the files of every manifest in ``exclude`` (the few-shot and tuning splits), reserved
+    for post-hoc calibrators and decision methods -- their guarantees need images that chose
+    nothing else. ``per_class`` defaults to ``max(4, ceil(64 / C))``: about 64 images, above the
+    40-50 that temperature scaling needs (Tu et al. 2024)."""
+    return _labelled_split("calibration", dataset, list(exclude), per_class, seed, strict, manifest_path)
+
+
+def default_per_class(num_classes: int) -> int:
+    """The default size of a tuning or calibration split: ``max(4, ceil(64 / C))`` per class."""
+    return max(4, math.ceil(64 / num_classes))
+
+
+def _labelled_split(kind: str, dataset: Dataset, exclude: Sequence[SplitManifest | None], per_class: int | None,
+                    seed: int, strict: bool, manifest_path: str | Path | None) -> SplitManifest:
     if dataset.split.startswith("test"):
-        raise DataError(f"validation_split: refusing to carve validation data from the test split of "
+        raise DataError(f"{kind}_split: refusing to carve {kind} data from the test split of "
                         f"{dataset.name}; pass the train split")
-    if exclude is not None and exclude.dataset != dataset.name:
-        raise DataError(f"validation_split: the excluded manifest is for '{exclude.dataset}', not '{dataset.name}'")
-    per_class = per_class or max(4, math.ceil(64 / dataset.num_classes))
+    for other in exclude:
+        if other is not None and other.dataset != dataset.name:
+            raise DataError(f"{kind}_split: the excluded manifest is for '{other.dataset}', not '{dataset.name}'")
+    per_class = per_class or default_per_class(dataset.num_classes)
     if manifest_path is not None and Path(manifest_path).is_file():
         manifest = SplitManifest.load(manifest_path)
-        if (manifest.kind, manifest.dataset, manifest.shots, manifest.seed) != ("validation", dataset.name, per_class, seed):
+        if (manifest.kind, manifest.dataset, manifest.shots, manifest.seed) != (kind, dataset.name, per_class, seed):
             raise DataError(f"{manifest_path}: holds a different split ({manifest.kind}, "
                             f"{manifest.shots} per class, seed {manifest.seed}); use another path")
         manifest.validate(dataset, source=str(manifest_path))
         return manifest
-    taken = set(exclude.files) if exclude is not None else set()
-    chosen, excluded, notes = _draw(dataset, per_class, split_rng(seed, "validation"), strict, taken)
-    manifest = _manifest("validation", dataset, seed, per_class, chosen, excluded, notes)
+    taken = {f for other in exclude if other is not None for f in other.files}
+    chosen, excluded, notes = _draw(dataset, per_class, split_rng(seed, kind), strict, taken)
+    manifest = _manifest(kind, dataset, seed, per_class, chosen, excluded, notes)
     if manifest_path is not None:
         manifest.save(manifest_path)
     return manifest

@@ -26,7 +26,7 @@ from calibprompt.data import (
     load_dataset,
     load_train_test,
 )
-from calibprompt.data.splits import HOLDOUT_SEED
+from calibprompt.data.splits import HOLDOUT_SEED, default_per_class
 from calibprompt.files import atomic_path, write_json
 from calibprompt.methods.coop import PromptJob
 from calibprompt.methods.zeroshot import zeroshot_logits
@@ -43,6 +43,7 @@ __all__ = [
     "dataset_fingerprint",
     "default_precision",
     "device_kind",
+    "labelled_sizes",
     "option",
     "package_versions",
     "test_split_record",
@@ -189,6 +190,37 @@ def unreadable_hint() -> Iterator[None]:
                         "to leave such images out of the draw (the run's split manifests list them).") from exc
 
 
+def labelled_sizes(train: Dataset, shots: int, val_per_class: int | None, calib_per_class: int | None,
+                   dataset: str) -> tuple[int, int]:
+    """(tuning, calibration) images per class drawn from the train pool after ``shots`` per class.
+
+    Unset sizes default to ``max(4, ceil(64 / C))`` each; when the smallest class has fewer images
+    left than both defaults need, the tuning split gets half of what is left and the calibration
+    split the rest (a size that is set is kept and the other gets what remains, up to its default).
+    Each split needs at least one image per class; a pool too small is an error naming the flags."""
+    counts = train.class_counts()
+    left = int(counts.min()) - shots
+    default = default_per_class(train.num_classes)
+    if val_per_class is not None and calib_per_class is not None:
+        val, calib = val_per_class, calib_per_class
+    elif val_per_class is not None:
+        val, calib = val_per_class, min(default, left - val_per_class)
+    elif calib_per_class is not None:
+        val, calib = min(default, left - calib_per_class), calib_per_class
+    elif left >= 2 * default:
+        val, calib = default, default
+    else:
+        val = max(1, left // 2)
+        val, calib = val, left - val
+    if val < 1 or calib < 1 or val + calib > left:
+        small = [train.classnames[i] for i in np.flatnonzero(counts == counts.min())]
+        asked = f"--val-per-class {val_per_class or 'default'} / --calib-per-class {calib_per_class or 'default'}"
+        raise DataError(f"{asked}: class(es) {small} of {dataset}/train have {counts.min()} image(s), {left} left "
+                        "after the few-shot split for the tuning and calibration splits (at least one image per "
+                        "class each); use fewer tuning or calibration images or fewer shots")
+    return int(val), int(calib)
+
+
 def test_split_record(config: RunConfigBase, train: Dataset | None, test: Dataset) -> dict[str, Any]:
     """The ``config.json`` entry of a held-out test set (empty for a dataset's own test split)."""
     if config.test_fraction is None:
@@ -219,9 +251,12 @@ class Outputs:
     test_logits: np.ndarray
     test_labels: np.ndarray
     test_files: list[str]
-    val_logits: np.ndarray | None = None
+    val_logits: np.ndarray | None = None  # the tuning split (its historical name: validation)
     val_labels: np.ndarray | None = None
     val_files: list[str] | None = None
+    calib_logits: np.ndarray | None = None  # the calibration split: post-hoc calibrators are fitted here
+    calib_labels: np.ndarray | None = None
+    calib_files: list[str] | None = None
     excluded: list[tuple[str, str]] = field(default_factory=list)
     logs: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # merged into metrics.json
@@ -264,24 +299,27 @@ class Plan:
 
 
 def classifier_outputs(directory: RunDirectory, text: torch.Tensor, scale: float, test: Dataset, test_feats: Any,
-                       val_set: Dataset, val_feats: Any, tables: set[str], manifests: Sequence[Any],
+                       labelled: dict[str, tuple[Dataset, Any]], tables: set[str], manifests: Sequence[Any],
                        logs: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Outputs:
     """The end of a run that classifies with class text features ``text`` (C, D): writes
     ``classifier.safetensors`` (what :meth:`Run.predict` applies) and ``cache_tables.json``, and
-    returns the logits ``s · F · Tᵀ`` of the test and validation features as :class:`Outputs`,
-    with the images the split draws (``manifests``) left out."""
+    returns the logits ``s · F · Tᵀ`` of the test features and of the ``labelled`` splits
+    (``"val"``: tuning, ``"calib"``: calibration; each (split, its features)) as
+    :class:`Outputs`, with the images the split draws (``manifests``) left out."""
     text = text.detach().float().cpu().contiguous()
     with atomic_path(directory.path("classifier.safetensors")) as tmp:
         save_file({"text_features": text, "logit_scale": torch.tensor(float(scale))}, str(tmp))
     write_json(directory.path("cache_tables.json"), sorted(tables))
     test_logits = zeroshot_logits(test_feats.features, text, scale).double().cpu().numpy()
-    val_logits = zeroshot_logits(val_feats.features, text, scale).double().cpu().numpy()
+    arrays: dict[str, Any] = {}
+    for prefix, (subset, feats) in labelled.items():
+        arrays[f"{prefix}_logits"] = zeroshot_logits(feats.features, text, scale).double().cpu().numpy()
+        arrays[f"{prefix}_labels"] = subset.labels[feats.index]
+        arrays[f"{prefix}_files"] = [subset.files[i] for i in feats.index]
     excluded_train = [[e["file"], e["reason"]] for m in manifests if m is not None for e in m.excluded]
     return Outputs(
         test_logits=test_logits, test_labels=test.labels[test_feats.index],
-        test_files=[test.files[i] for i in test_feats.index],
-        val_logits=val_logits, val_labels=val_set.labels[val_feats.index],
-        val_files=[val_set.files[i] for i in val_feats.index],
+        test_files=[test.files[i] for i in test_feats.index], **arrays,
         excluded=list(test_feats.excluded), logs=logs,
         extra={"excluded_train_images": excluded_train, **(extra or {})})
 

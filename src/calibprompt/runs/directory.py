@@ -6,10 +6,13 @@
         config.json          schema version, kind, method, run id, experiment id, the identity
                              (everything hashed), the config as given, package versions
         predictions.npz      test_logits (N, K) float64, test_labels (N,), test_files (N,) relative
-                             paths; val_logits / val_labels / val_files when the run has a
-                             validation split
-        metrics.json         test metrics at ``n_bins``; with a validation split also the
+                             paths; val_logits / val_labels / val_files for the tuning split
+                             (called validation before the calibration split existed) and
+                             calib_logits / calib_labels / calib_files for the calibration split,
+                             when the run has them
+        metrics.json         test metrics at ``n_bins``; with a calibration split also the
                              temperature-scaled metrics, the temperature and where it was fitted
+                             (runs made before the calibration split: on the validation split)
         reliability.png
         ...                  method files: prompt.safetensors, classifier.safetensors, log.json,
                              splits/*.json
@@ -66,6 +69,18 @@ def read_predictions(directory: str | os.PathLike[str]) -> dict[str, np.ndarray]
         raise ValueError(f"{directory}: not a finished run directory (no predictions.npz)")
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+def calibration_prefix(arrays: Any) -> str | None:
+    """The prefix of the arrays a post-hoc calibrator of a run is fitted on: ``calib_`` (its
+    calibration split), ``val_`` for runs made before the calibration split existed (they fitted on
+    their validation split), None when the run has neither. ``arrays``: the names in its
+    ``predictions.npz``."""
+    names = set(arrays)
+    for prefix in ("calib_", "val_"):
+        if f"{prefix}logits" in names:
+            return prefix
+    return None
 
 
 class RunDirectory:

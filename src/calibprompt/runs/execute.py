@@ -37,20 +37,21 @@ class RunResult:
 
 
 def score(test_logits: np.ndarray, test_labels: np.ndarray, n_bins: int, *,
-          val_logits: np.ndarray | None = None, val_labels: np.ndarray | None = None,
-          temperature: float | None = None, fitted_on: str = "validation") -> dict[str, Any]:
-    """Test metrics of ``softmax(test_logits)`` at ``n_bins``; with validation logits, temperature
-    scaling is fitted there (never on test) and the scaled metrics are added; a given
-    ``temperature`` (fitted earlier, e.g. for an external test set) is applied as is."""
+          fit_logits: np.ndarray | None = None, fit_labels: np.ndarray | None = None,
+          temperature: float | None = None, fitted_on: str = "calibration") -> dict[str, Any]:
+    """Test metrics of ``softmax(test_logits)`` at ``n_bins``; with the logits of a labelled split
+    (the run's calibration split), temperature scaling is fitted there (never on test) and the
+    scaled metrics are added; a given ``temperature`` (fitted earlier, e.g. for an external test
+    set) is applied as is."""
     test_logits = np.asarray(test_logits, dtype=np.float64)
     out: dict[str, Any] = {"n_bins": int(n_bins),
                            "uncalibrated": evaluate(softmax(test_logits, axis=1), test_labels, n_bins=n_bins)}
     caught: list[warnings.WarningMessage] = []
-    if temperature is None and val_logits is not None and len(val_labels):
+    if temperature is None and fit_logits is not None and len(fit_labels):
         with warnings.catch_warnings(record=True) as caught:  # kept in metrics.json, not lost on stderr
             warnings.simplefilter("always", RuntimeWarning)
-            temperature = TemperatureScaling().fit(np.asarray(val_logits, np.float64), val_labels).temperature
-        out["calibrator"] = {"name": "temperature", "split": fitted_on, "n_images": len(val_labels)}
+            temperature = TemperatureScaling().fit(np.asarray(fit_logits, np.float64), fit_labels).temperature
+        out["calibrator"] = {"name": "temperature", "split": fitted_on, "n_images": len(fit_labels)}
     if temperature is not None:
         out["temperature_scaled"] = evaluate(softmax(test_logits / temperature, axis=1), test_labels,
                                              n_bins=n_bins)
@@ -99,13 +100,14 @@ def _finalize(directory: RunDirectory, outputs: Outputs, plan: Plan) -> dict[str
     arrays: dict[str, Any] = {"test_logits": np.asarray(outputs.test_logits, np.float64),
                               "test_labels": np.asarray(outputs.test_labels, np.int64),
                               "test_files": np.asarray(outputs.test_files, dtype=str)}
-    if outputs.val_logits is not None:
-        arrays.update(val_logits=np.asarray(outputs.val_logits, np.float64),
-                      val_labels=np.asarray(outputs.val_labels, np.int64),
-                      val_files=np.asarray(outputs.val_files, dtype=str))
+    for prefix in ("val", "calib"):  # the tuning and calibration splits, when the run has them
+        if getattr(outputs, f"{prefix}_logits") is not None:
+            arrays.update({f"{prefix}_logits": np.asarray(getattr(outputs, f"{prefix}_logits"), np.float64),
+                           f"{prefix}_labels": np.asarray(getattr(outputs, f"{prefix}_labels"), np.int64),
+                           f"{prefix}_files": np.asarray(getattr(outputs, f"{prefix}_files"), dtype=str)})
     write_npz(directory.path("predictions.npz"), **arrays)
     metrics = score(arrays["test_logits"], arrays["test_labels"], plan.n_bins,
-                    val_logits=arrays.get("val_logits"), val_labels=arrays.get("val_labels"))
+                    fit_logits=arrays.get("calib_logits"), fit_labels=arrays.get("calib_labels"))
     metrics["excluded_test_images"] = [list(e) for e in outputs.excluded]
     metrics.update(_finite(outputs.extra))  # undefined metrics (e.g. AUROC of one class) as null
     plot_reliability(softmax(arrays["test_logits"], axis=1), arrays["test_labels"], n_bins=plan.n_bins,

@@ -52,9 +52,10 @@ def load_finetuned(backbone: Any, directory: Path) -> Any:
 
 
 def work_full(config: Any, directory: RunDirectory, backbone: Any, store: FeatureStore, train: Any, test: Any,
-              objective: Any, shots: Any, val: Any) -> Outputs:
-    """Fine-tune a copy of ``backbone`` on the few-shot split ``shots`` and classify the test and
-    validation splits with it (the dataset template's class prompts as the head)."""
+              objective: Any, shots: Any, val: Any, calib: Any) -> Outputs:
+    """Fine-tune a copy of ``backbone`` on the few-shot split ``shots`` and classify the test,
+    tuning (``val``) and calibration splits with it (the dataset template's class prompts as the
+    head)."""
     kw = {"num_workers": config.workers, "progress": config.progress}
     train_config = config.train_config()
     model = trainable_copy(backbone, config.train_logit_scale)
@@ -112,8 +113,8 @@ def work_full(config: Any, directory: RunDirectory, backbone: Any, store: Featur
         text = model.encode_texts(prompts)
     test_feats = store.features(model, test.paths, **kw)
     config.check_readable(test_feats.excluded, f"the test split ({test.root})")
-    val_set = val.subset_of(train)
-    val_feats = store.features(model, val_set.paths, **kw)
-    return classifier_outputs(directory, text, model.logit_scale, test, test_feats, val_set, val_feats,
-                              {*test_feats.tables, *val_feats.tables}, (shots, val), logs,
-                              extra={"frozen_off_path": len(result.frozen)})
+    labelled = {prefix: (m.subset_of(train), store.features(model, m.subset_of(train).paths, **kw))
+                for prefix, m in (("val", val), ("calib", calib))}
+    tables = {*test_feats.tables, *(t for _, feats in labelled.values() for t in feats.tables)}
+    return classifier_outputs(directory, text, model.logit_scale, test, test_feats, labelled, tables,
+                              (shots, val, calib), logs, extra={"frozen_off_path": len(result.frozen)})

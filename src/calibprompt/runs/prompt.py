@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from calibprompt.data import DataError, FeatureStore, few_shot, validation_split
+from calibprompt.data import DataError, FeatureStore, calibration_split, few_shot, validation_split
 from calibprompt.data.views import SeededViews, train_view_transform
 from calibprompt.files import atomic_path, slug, write_json
 from calibprompt.losses import LOSSES
@@ -44,6 +44,7 @@ from calibprompt.runs.common import (
     classifier_outputs,
     dataset_fingerprint,
     device_kind,
+    labelled_sizes,
     option,
     test_split_record,
     unreadable_hint,
@@ -53,8 +54,9 @@ from calibprompt.runs.identity import RunIdentity, run_name
 
 __all__ = ["PROTOCOL_VERSION", "PromptRunConfig", "RunConfig"]
 
-#: Bumped when the prompt-tuning or zero-shot procedure changes its results.
-PROTOCOL_VERSION = 1
+#: Bumped when the prompt-tuning or zero-shot procedure changes its results (2: temperature scaling
+#: fitted on the calibration split, was the validation -- now tuning -- split).
+PROTOCOL_VERSION = 2
 #: Bumped when the full fine-tuning procedure changes its results (part of full runs' identity).
 FINETUNE_PROTOCOL_VERSION = 1
 #: Bumped when training on noisy views changes its results (part of those runs' identity).
@@ -81,8 +83,9 @@ class PromptRunConfig(RunConfigBase):
 
     ``method`` is an objective preset (``ce``, ``calibprompt``, ...) or an objective expression;
     ``warmup_lr=None`` means the protocol's warm-up lr (1e-3 for MedCLIP, else 1e-5);
-    ``val_per_class=None`` means ``max(4, ceil(64 / classes))`` validation images per class (at
-    most what the train pool has left after the few-shot split).
+    ``val_per_class=None`` / ``calib_per_class=None`` mean ``max(4, ceil(64 / classes))`` tuning
+    / calibration images per class (when the train pool left after the few-shot split holds fewer
+    than both, the tuning split gets half of it and the calibration split the rest).
     ``root``, ``weights``, ``cache``, ``device``'s index, ``workers`` and ``progress`` do not
     enter the run's identity (the data and weights enter by content), nor does ``n_bins``: it
     changes how the predictions are measured, not the predictions (a finished run asked for other
@@ -116,8 +119,12 @@ class PromptRunConfig(RunConfigBase):
     save_weights: bool = option(False, help="full regime: save the fine-tuned weights as weights.safetensors (the "
                                             "size of the model; needed to apply the run to new images)")
     n_bins: int = option(15, help="bins of ECE/MCE/ACE in metrics.json")
-    val_per_class: int | None = option(None, help="validation images per class for temperature scaling",
-                                       default_text="max(4, 64 / classes), at most what is left")
+    val_per_class: int | None = option(None, help="tuning images per class (hyperparameter selection; the split "
+                                                  "called validation before the calibration split existed)",
+                                       default_text="max(4, 64 / classes), at most half of what the shots leave")
+    calib_per_class: int | None = option(None, help="calibration images per class (temperature scaling, decision "
+                                                    "methods), disjoint from the shots and the tuning split",
+                                         default_text="max(4, 64 / classes), at most what is left")
     alpha: float | None = option(None, help="calibprompt/smac presets: the LS = SMAC alpha",
                                  default_text="the paper's for this backbone and dataset")
     weight: float | None = option(None, help="calibprompt preset: the angular-separation weight",
@@ -190,8 +197,10 @@ class PromptRunConfig(RunConfigBase):
             raise ValueError(f"lr: expected a non-negative learning rate, got {self.lr!r}")
         if self.warmup_lr is not None and not self.warmup_lr >= 0:
             raise ValueError(f"warmup_lr: expected a non-negative learning rate, got {self.warmup_lr!r}")
-        if self.val_per_class is not None and self.val_per_class < 1:
-            raise ValueError(f"val_per_class: expected a positive integer, got {self.val_per_class!r}")
+        for name in ("val_per_class", "calib_per_class"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if self.seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {self.seed!r}")
         self.check_base_options()
@@ -199,11 +208,13 @@ class PromptRunConfig(RunConfigBase):
         self.objective()  # an unknown preset or a malformed expression fails here
         device_kind(self.device)
 
-    def effective(self, objective: Any = None, val_per_class: int | None = None) -> dict[str, Any]:
-        """The fields that determine the result, defaults resolved; zero-shot runs leave out the
-        training fields (they do not apply)."""
+    def effective(self, objective: Any = None, sizes: tuple[int, int] | None = None) -> dict[str, Any]:
+        """The fields that determine the result, defaults resolved (``sizes``: the tuning and
+        calibration images per class); zero-shot runs leave out the training fields (they do not
+        apply)."""
+        val, calib = sizes if sizes is not None else (self.val_per_class, self.calib_per_class)
         data = {"method": self.method, "backbone": self.backbone, "dataset": self.dataset, "seed": self.seed,
-                "val_per_class": val_per_class or self.val_per_class, **self.data_effective()}
+                "val_per_class": val, "calib_per_class": calib, **self.data_effective()}
         if not self.zero_shot:
             train = self.train_config()
             skip = ("alpha", "weight", *(PROMPT_FIELDS if self.full else ()))
@@ -231,27 +242,22 @@ class PromptRunConfig(RunConfigBase):
             small = [train.classnames[i] for i in np.flatnonzero(counts < self.shots)]
             raise DataError(f"--shots {self.shots}: class(es) {small} of {self.dataset}/train have fewer "
                             f"images ({counts.min()} at least); use fewer shots")
-        left = int(counts.min()) - (0 if self.zero_shot else self.shots)  # per class, for validation
-        if left < 1 or (self.val_per_class is not None and self.val_per_class > left):
-            small = [train.classnames[i] for i in np.flatnonzero(counts == counts.min())]
-            raise DataError(f"--val-per-class {self.val_per_class or 'default'}: class(es) {small} of "
-                            f"{self.dataset}/train have {counts.min()} image(s), {left} left for validation "
-                            f"after the few-shot split; use fewer validation images or shots")
-        default_val = min(max(4, int(np.ceil(64 / train.num_classes))), left)
-        val_per_class = self.val_per_class or default_val
+        sizes = labelled_sizes(train, 0 if self.zero_shot else self.shots, self.val_per_class, self.calib_per_class,
+                               self.dataset)
+        default_sizes = labelled_sizes(train, 0 if self.zero_shot else self.shots, None, None, self.dataset)
         kind = device_kind(self.device)
         backbone = cached_backbone(self.backbone, self.weights, self.device, self.precision)
         for template in train.templates:  # classes the model cannot tell apart: refused before any work
             check_distinct_prompts(backbone.tokenize(train.prompts(template)), train.classnames, backbone.name)
         store = FeatureStore(self.cache)
-        effective = self.effective(objective, val_per_class)
+        effective = self.effective(objective, sizes)
         identity = RunIdentity(
             kind=self.kind, config=effective,
             data={"train": dataset_fingerprint(train, store), "test": dataset_fingerprint(test, store)},
             backbone=backbone.fingerprint, protocol_version=PROTOCOL_VERSION,
             metrics_version=METRICS_VERSION, precision=self.precision, device_kind=kind)
         defaults = PromptRunConfig(self.backbone, self.dataset, self.root, method=self.method,
-                                   regime=self.regime).effective(objective, default_val)
+                                   regime=self.regime).effective(objective, default_sizes)
         head = [f"seed{self.seed}"] if self.zero_shot else [f"{self.shots}shot", f"seed{self.seed}"]
         head += [f"{k}{v:g}" for k, v in (("alpha", self.alpha), ("weight", self.weight)) if v is not None]
         if self.noise_sigmas is not None:
@@ -264,7 +270,7 @@ class PromptRunConfig(RunConfigBase):
                   "regime": "full" if self.full else "prompt", **test_split_record(self, train, test)}
 
         def work(directory: RunDirectory) -> Outputs | Training:
-            return _work(self, directory, backbone, store, train, test, objective, val_per_class)
+            return _work(self, directory, backbone, store, train, test, objective, sizes)
 
         return Plan(identity, path, asdict(self), list(train.classnames), self.n_bins,
                     f"{self.backbone} / {self.dataset} / {method}, seed {self.seed}", work, record,
@@ -324,7 +330,7 @@ RunConfig = PromptRunConfig
 
 
 def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store: FeatureStore,
-          train: Any, test: Any, objective: Any, val_per_class: int) -> Outputs | Training:
+          train: Any, test: Any, objective: Any, sizes: tuple[int, int]) -> Outputs | Training:
     kw = {"num_workers": config.workers, "progress": config.progress}
     shots = None
     if not config.zero_shot:
@@ -332,18 +338,21 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
             shots = few_shot(train, config.shots, config.seed, strict=not config.skip_unreadable,
                              manifest_path=directory.path("splits/few_shot.json"))
     with unreadable_hint():
-        val = validation_split(train, exclude=shots, per_class=val_per_class, seed=config.seed,
+        val = validation_split(train, exclude=shots, per_class=sizes[0], seed=config.seed,
                                strict=not config.skip_unreadable, manifest_path=directory.path("splits/validation.json"))
+        calib = calibration_split(train, exclude=[shots, val], per_class=sizes[1], seed=config.seed,
+                                  strict=not config.skip_unreadable,
+                                  manifest_path=directory.path("splits/calibration.json"))
     if config.full:
-        return finetune_run.work_full(config, directory, backbone, store, train, test, objective, shots, val)
+        return finetune_run.work_full(config, directory, backbone, store, train, test, objective, shots, val, calib)
     test_feats = store.features(backbone, test.paths, **kw)
     config.check_readable(test_feats.excluded, f"the test split ({test.root})")
-    val_set = val.subset_of(train)
-    val_feats = store.features(backbone, val_set.paths, **kw)
+    labelled = {prefix: (m.subset_of(train), store.features(backbone, m.subset_of(train).paths, **kw))
+                for prefix, m in (("val", val), ("calib", calib))}
     zs_text = zeroshot_text_features(backbone, train.classnames, train.templates)
 
     logs: list[dict[str, Any]] = []
-    tables = {*test_feats.tables, *val_feats.tables}
+    tables = {*test_feats.tables, *(t for _, feats in labelled.values() for t in feats.tables)}
     if not config.zero_shot:
         shot_set = shots.subset_of(train)
         features_fn = None
@@ -384,12 +393,12 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
             with atomic_path(directory.path("prompt.safetensors")) as tmp:
                 save_file({"ctx": learner.ctx.detach().cpu().contiguous()}, str(tmp))
             write_json(directory.path("log.json"), logs)
-            return classifier_outputs(directory, text, backbone.logit_scale, test, test_feats, val_set, val_feats,
-                                      tables, (shots, val), logs)
+            return classifier_outputs(directory, text, backbone.logit_scale, test, test_feats, labelled, tables,
+                                      (shots, val, calib), logs)
 
         job = coop.PromptJob(learner, features, torch.as_tensor(bank_labels), objective, config.train_config(),
                              zs_text, on_epoch=on_epoch, start_epoch=start_epoch, optimizer_state=optimizer_state,
                              features_fn=features_fn)
         return Training(job, finish, config.method)
-    return classifier_outputs(directory, zs_text, backbone.logit_scale, test, test_feats, val_set, val_feats, tables,
-                              (shots, val), logs)
+    return classifier_outputs(directory, zs_text, backbone.logit_scale, test, test_feats, labelled, tables,
+                              (shots, val, calib), logs)

@@ -10,8 +10,9 @@ Files of a TPT run besides the common ones (:mod:`calibprompt.runs.directory`):
 adapts to new images) and, while running (removed when the run is complete),
 ``parts/<split>-*.npz`` (logits of the images adapted so far, written atomically per group; an
 interrupted run resumes after the last complete part).
-With ``val_per_class`` the run also adapts a seeded validation split of the train pool, so that
-temperature scaling can be fitted (``calibprompt calibrate`` needs it).
+With ``val_per_class`` the run also adapts a seeded tuning split of the train pool (its scores
+choose hyperparameters); with ``calib_per_class`` a disjoint calibration split, on which
+temperature scaling is fitted (``calibprompt calibrate`` needs it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibprompt import losses
-from calibprompt.data import DataError, FeatureStore, validation_split
+from calibprompt.data import DataError, FeatureStore, calibration_split, validation_split
 from calibprompt.files import atomic_path, slug, write_json
 from calibprompt.methods import (
     tpt as tpt_method,  # tpt_method.tpt_adapt: one name for tests to patch
@@ -126,14 +127,18 @@ class TPTRunConfig(RunConfigBase):
                                                 "prompt.safetensors", metavar="RUN_OR_FILE")
     limit: int | None = option(None, help="a class-stratified subset of N test images", metavar="N",
                                default_text="all")
-    val_per_class: int | None = option(None, help="also adapt N validation images per class of the train pool "
-                                                  "(for temperature scaling)", metavar="N", default_text="none")
+    val_per_class: int | None = option(None, help="also adapt N tuning images per class of the train pool (for "
+                                                  "hyperparameter selection; called validation before the calibration "
+                                                  "split existed)", metavar="N", default_text="none")
+    calib_per_class: int | None = option(None, help="also adapt N calibration images per class of the train pool, "
+                                                    "disjoint from the tuning split (temperature scaling is fitted "
+                                                    "there)", metavar="N", default_text="none")
     batch_size: int = option(16, help="images adapted at once")
 
     @property
     def needs_train(self) -> bool:
-        """Only a run with a validation split (``val_per_class``) reads the train split."""
-        return bool(self.val_per_class)
+        """Only a run with a tuning or calibration split reads the train split."""
+        return bool(self.val_per_class or self.calib_per_class)
 
     def resolved(self) -> TPTRunConfig:
         """Every ``None`` filled from the protocol and the method; validated."""
@@ -159,7 +164,7 @@ class TPTRunConfig(RunConfigBase):
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(out, name)}")
         if out.n_bins > MAX_BINS:
             raise ValueError(f"n_bins: expected an integer from 1 to {MAX_BINS:,}, got {out.n_bins}")
-        for name in ("limit", "val_per_class"):
+        for name in ("limit", "val_per_class", "calib_per_class"):
             if getattr(out, name) is not None and getattr(out, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(out, name)}")
         if not out.lr >= 0:
@@ -181,7 +186,8 @@ class TPTRunConfig(RunConfigBase):
     def effective(self) -> dict[str, Any]:
         """The resolved fields that determine the result (call on :meth:`resolved`); ``n_bins``
         measures the result and is not part of it."""
-        skip = (*NON_EFFECTIVE, *(ADAPTATION_FIELDS if self.method == "zeroshot" else ()))
+        skip = (*NON_EFFECTIVE, *(ADAPTATION_FIELDS if self.method == "zeroshot" else ()),
+                *(() if self.needs_train else ("calib_per_class",)))  # runs without labelled splits: as before
         return {**{k: v for k, v in asdict(self).items() if k not in skip}, **self.data_effective()}
 
     # -- the run -----------------------------------------------------------------------------
@@ -190,8 +196,10 @@ class TPTRunConfig(RunConfigBase):
         config = self.resolved()
         kind = device_kind(config.device)
         train, test = config.load_splits()
-        if train is not None and config.val_per_class > train.class_counts().min():
-            raise DataError(f"--val-per-class {config.val_per_class}: {config.dataset}/train has only "
+        wanted = (config.val_per_class or 0) + (config.calib_per_class or 0)
+        if train is not None and wanted > train.class_counts().min():
+            raise DataError(f"--val-per-class {config.val_per_class or 0} + --calib-per-class "
+                            f"{config.calib_per_class or 0}: {config.dataset}/train has only "
                             f"{train.class_counts().min()} image(s) in its smallest class")
         backbone = cached_backbone(config.backbone, config.weights, config.device, config.precision)
         learner, prompt_digest = _initial_learner(backbone, list(test.classnames), config)
@@ -371,16 +379,24 @@ def _work(config: TPTRunConfig, directory: RunDirectory, backbone: Any, store: F
     tables: set[str] = set()
     val_out: dict[str, Any] = {}
     excluded_train: list[list[str]] = []
-    if train is not None:
+    tuning = None
+    for prefix, per_class in (("val", config.val_per_class), ("calib", config.calib_per_class)):
+        if not per_class:
+            continue
         with unreadable_hint():
-            manifest = validation_split(train, per_class=config.val_per_class, seed=config.seed,
-                                        strict=not config.skip_unreadable,
-                                        manifest_path=directory.path("splits/validation.json"))
-        val = manifest.subset_of(train)
-        excluded_train = [[e["file"], e["reason"]] for e in manifest.excluded]
-        val_logits, val_views, _, _ = run_split("val", val)
-        val_out = {"val_logits": val_logits, "val_labels": val.labels[val_views.index],
-                   "val_files": [val.files[i] for i in val_views.index]}
+            if prefix == "val":
+                manifest = tuning = validation_split(train, per_class=per_class, seed=config.seed,
+                                                     strict=not config.skip_unreadable,
+                                                     manifest_path=directory.path("splits/validation.json"))
+            else:
+                manifest = calibration_split(train, exclude=[tuning], per_class=per_class, seed=config.seed,
+                                             strict=not config.skip_unreadable,
+                                             manifest_path=directory.path("splits/calibration.json"))
+        subset = manifest.subset_of(train)
+        excluded_train += [[e["file"], e["reason"]] for e in manifest.excluded]
+        logits, split_views, _, _ = run_split(prefix, subset)
+        val_out.update({f"{prefix}_logits": logits, f"{prefix}_labels": subset.labels[split_views.index],
+                        f"{prefix}_files": [subset.files[i] for i in split_views.index]})
     if config.limit:
         test = test.subset(stratified_subset(test.labels, config.limit), split=test.split)
     test_logits, views, seconds, adapted = run_split("test", test)

@@ -67,7 +67,7 @@ def published_for(backbone: str, dataset: str, method: str, config: Mapping[str,
         if (p.backbone, p.dataset, p.method) != (backbone, dataset, method):
             continue
         reference = PromptRunConfig(backbone, dataset, "", method=method, shots=p.shots).effective()
-        ignore = ("seed", "val_per_class", "test_fraction")
+        ignore = ("seed", "val_per_class", "calib_per_class", "test_fraction")
         if all(config.get(k) == v for k, v in reference.items() if k not in ignore):
             out.append(p)
     return out
