@@ -85,6 +85,9 @@ def _tokenize(text: str) -> list[tuple[str, str, int]]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if m is None or m.end() == pos:
+            if text[pos:].lstrip().startswith("?"):
+                raise ValueError(f"objective {text!r}: the placeholder {text[pos:].lstrip().split()[0]} has no value; "
+                                 "placeholders are for hyperparameter search (calibprompt.methods.selection.bind)")
             raise ValueError(f"objective {text!r}: unexpected character {text[pos:].lstrip()[:1]!r} "
                              f"at position {pos}")
         kind = m.lastgroup or ""
