@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     per_image = img16["median_s"] / 16
     steps, test_images, views = 200, 7180, 50
     paper_reference = runs * (steps * (img16["median_s"] + text_full["median_s"]) + test_images * per_image)
-    paper_floor = (test_images + seeds * (72 * views + 72)) * per_image
+    # per seed: 50 views of the 72 shots, the 72 tuning and the 72 calibration images (8 per class each)
+    paper_floor = (test_images + seeds * (72 * views + 72 + 72)) * per_image
     paper_ours = paper_floor + runs * steps * text_ours
     tmp.cleanup()
 

@@ -83,6 +83,23 @@ def test_splits_and_extract_commands(tmp_path, capsys, tiny_backbone):
     assert main(args) == 0 and (out / "covid_4shot_seed1.json").read_text() == first  # reused
     text = capsys.readouterr().out
     assert "few-shot" in text and "[4, 4]" in text
+    # --calibration: the tuning and calibration splits a run draws (the same sizes and images)
+    calib = ["splits", "--dataset", "covid", "--root", str(tmp_path / "data"), "--shots", "4", "--seeds", "1",
+             "--calibration", "--out", str(tmp_path / "c")]
+    assert main(calib) == 0
+    from calibprompt.data import SplitManifest, load_dataset
+    from calibprompt.runs.common import labelled_sizes
+
+    train = load_dataset("covid", tmp_path / "data", "train")
+    sizes = labelled_sizes(train, 4, None, None, "covid")
+    tuning = SplitManifest.load(tmp_path / "c" / "covid_4shot_seed1_validation.json")
+    calibration = SplitManifest.load(tmp_path / "c" / "covid_4shot_seed1_calibration.json")
+    assert (tuning.shots, calibration.shots) == sizes == (4, 4)  # 8 left per class: half each
+    shots = set(SplitManifest.load(tmp_path / "c" / "covid_4shot_seed1.json").files)
+    assert not (shots & set(tuning.files) or shots & set(calibration.files) or set(tuning.files) & set(calibration.files))
+    assert main(["splits", "--dataset", "covid", "--root", str(tmp_path / "data"), "--shots", "4",
+                 "--calib-per-class", "3", "--out", str(tmp_path / "e")]) == 2
+    assert "--calib-per-class applies to --calibration" in capsys.readouterr().err
 
     weights = str(tiny_backbone.source)
     cache = tmp_path / "cache"

@@ -25,7 +25,7 @@ import torch
 
 from calibprompt.losses import INPUT_NAMES, LOSSES, LossSpec
 
-__all__ = ["CALIBPROMPT_HYPERPARAMETERS", "PRESETS", "Objective", "ObjectiveResult", "Term"]
+__all__ = ["CALIBPROMPT_HYPERPARAMETERS", "PRESETS", "PRESET_SEARCH", "Objective", "ObjectiveResult", "Term"]
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,10 @@ def _tokenize(text: str) -> list[tuple[str, str, int]]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if m is None or m.end() == pos:
-            if text[pos:].lstrip().startswith("?"):
-                raise ValueError(f"objective {text!r}: the placeholder {text[pos:].lstrip().split()[0]} has no value; "
-                                 "placeholders are for hyperparameter search (calibprompt.methods.selection.bind)")
+            placeholder = re.match(r"\s*(\?[A-Za-z_][A-Za-z0-9_]*)", text[pos:])
+            if placeholder:
+                raise ValueError(f"objective {text!r}: the placeholder {placeholder.group(1)} has no value; "
+                                 "placeholders are for hyperparameter search (train --tune auto --search NAME=RANGE)")
             raise ValueError(f"objective {text!r}: unexpected character {text[pos:].lstrip()[:1]!r} "
                              f"at position {pos}")
         kind = m.lastgroup or ""
@@ -240,6 +241,25 @@ PRESETS: dict[str, str] = {
     "penalty": "ce + 1*penalty",
     "smac": "ls(alpha={alpha}) + smac(alpha={alpha})",
     "calibprompt": "ls(alpha={alpha}) + smac(alpha={alpha}) + {weight}*as",
+}
+
+
+#: ``--tune auto`` on a preset: the preset with its hyperparameters as placeholders, and their
+#: ranges (our choice, wide enough to hold every published value: CalibPrompt's alpha 0.01-0.2
+#: and AS weight 0.001-3; a user's ``--search`` replaces a range). Presets without free
+#: hyperparameters (ce, zsnorm) are absent.
+PRESET_SEARCH: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ls": ("ls(alpha=?alpha)", ("alpha=0.01:0.3:log",)),
+    "smac": ("ls(alpha=?alpha) + smac(alpha=?alpha)", ("alpha=0.01:0.3:log",)),
+    "calibprompt": ("ls(alpha=?alpha) + smac(alpha=?alpha) + ?weight*as", ("alpha=0.01:0.3:log",
+                                                                           "weight=0.001:10:log")),
+    "focal": ("focal(gamma=?gamma)", ("gamma=0.5:5",)),
+    "mdca": ("ce + ?weight*mdca", ("weight=0.1:10:log",)),
+    "dca": ("ce + ?weight*dca", ("weight=0.1:10:log",)),
+    "mmce": ("ce + ?weight*mmce", ("weight=0.1:10:log",)),
+    "mbls": ("mbls(margin=?margin, alpha=0.1)", ("margin=1:20:log",)),
+    "logitnorm": ("logitnorm(temperature=?temperature)", ("temperature=0.01:1:log",)),
+    "penalty": ("ce + ?weight*penalty", ("weight=0.1:10:log",)),
 }
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from calibprompt.metrics import bootstrap_many
@@ -132,6 +133,13 @@ def print_run(result: Any, label: str = "") -> None:
     rate = result.metrics.get("images_per_second")
     speed = f"  ({rate:.1f} img/s)" if rate and not result.skipped else ""
     console.print(f"{state}{label}{summary_line(result.metrics)}{speed}")
+    for warning in result.metrics.get("temperature_warnings") or []:  # e.g. T on its bound: a tiny split
+        console.print(f"[yellow]temperature scaling:[/] {escape(warning)}", soft_wrap=True)
+    tuning = result.metrics.get("tuning")
+    if tuning:
+        chosen = ", ".join(f"{k}={v:.4g}" for k, v in tuning["chosen"].items())
+        console.print(f"chosen on the tuning split ({tuning['metric']} {tuning['score']:.4f}, {tuning['candidates']} "
+                      f"candidates; all in tuning.json): {chosen}", soft_wrap=True)
     left_out = [*result.metrics.get("excluded_test_images", []), *result.metrics.get("excluded_train_images", [])]
     if left_out:
         console.print(f"[yellow]{len(left_out)} unreadable image(s) left out[/] (--skip-unreadable; all listed in "

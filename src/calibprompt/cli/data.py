@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from calibprompt.backbones import load_backbone
+from calibprompt.cli.common import CLIError
 from calibprompt.cli.options import default_of, help_with_default
 from calibprompt.data import (
     FeatureStore,
@@ -21,7 +22,7 @@ from calibprompt.data import (
     load_dataset,
     validation_split,
 )
-from calibprompt.runs.common import RunConfigBase
+from calibprompt.runs.common import RunConfigBase, labelled_sizes
 
 EXAMPLES = {
     "extract": """examples:
@@ -71,6 +72,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_splits(args: argparse.Namespace) -> int:
+    if args.calib_per_class is not None and not args.calibration:
+        raise CLIError("--calib-per-class applies to --calibration")
+    if args.val_per_class is not None and not (args.validation or args.calibration):
+        raise CLIError("--val-per-class applies to --validation (or --calibration, which draws the tuning split "
+                       "first)")
     train = load_dataset(args.dataset, args.root, "train")
     out = Path(args.out)
     table = Table(title=f"{args.dataset}: {args.shots}-shot splits of {len(train)} train images")
@@ -81,16 +87,18 @@ def cmd_splits(args: argparse.Namespace) -> int:
         shots = few_shot(train, args.shots, seed, strict=args.strict, manifest_path=path)
         counts = np.bincount(shots.labels, minlength=len(shots.classnames)).tolist()
         table.add_row(str(seed), "few-shot", str(len(shots)), str(counts), str(path))
-        val = None
-        if args.validation:
+        val, sizes = None, (args.val_per_class, args.calib_per_class)
+        if args.calibration:  # the sizes a run would draw; the tuning split comes first, as in a run
+            sizes = labelled_sizes(train, args.shots, args.val_per_class, args.calib_per_class, args.dataset)
+        if args.validation or args.calibration:
             vpath = out / f"{args.dataset}_{args.shots}shot_seed{seed}_validation.json"
-            val = validation_split(train, exclude=shots, per_class=args.val_per_class, seed=seed,
+            val = validation_split(train, exclude=shots, per_class=sizes[0], seed=seed,
                                    strict=args.strict, manifest_path=vpath)
             vcounts = np.bincount(val.labels, minlength=len(val.classnames)).tolist()
             table.add_row(str(seed), "tuning (validation)", str(len(val)), str(vcounts), str(vpath))
         if args.calibration:
             cpath = out / f"{args.dataset}_{args.shots}shot_seed{seed}_calibration.json"
-            calib = calibration_split(train, exclude=[shots, val], per_class=args.calib_per_class, seed=seed,
+            calib = calibration_split(train, exclude=[shots, val], per_class=sizes[1], seed=seed,
                                       strict=args.strict, manifest_path=cpath)
             ccounts = np.bincount(calib.labels, minlength=len(calib.classnames)).tolist()
             table.add_row(str(seed), "calibration", str(len(calib)), str(ccounts), str(cpath))
@@ -136,7 +144,8 @@ def register(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
                    **_default(validation_split, "per_class", "tuning images per class (none: max(4, 64 / classes))"))
     p.add_argument("--calibration", action="store_true",
                    help="also draw a calibration split per seed, disjoint from the shots and the tuning split (for "
-                        "post-hoc calibrators and decision methods)")
+                        "post-hoc calibrators and decision methods); draws the tuning split too, with the sizes a "
+                        "run uses")
     p.add_argument("--calib-per-class", type=int,
                    **_default(calibration_split, "per_class", "calibration images per class (none: max(4, 64 / classes))"))
     p.add_argument("--strict", action="store_true", help="fail on small classes and unreadable images")

@@ -29,7 +29,7 @@ EXAMPLES = {
   calibprompt metrics predictions.npz
   calibprompt metrics predictions.npz --n-bins 10 --bootstrap 1000 --plot reliability.png
   calibprompt metrics predictions.npz --calibrate temperature --fit-on validation.npz
-  calibprompt metrics RUN_DIR --calibrate isotonic     # a run's test predictions, fitted on its validation split
+  calibprompt metrics RUN_DIR --calibrate isotonic     # a run's test predictions, fitted on its calibration split
 
 The .npz file holds `labels` (N,) and either `logits` or `probs` (N, K), or is a run's own
 predictions.npz (test_logits / test_labels; given as the file or the run directory).""",
@@ -98,7 +98,7 @@ def register(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p.add_argument("--seed", type=int, default=default_of(bootstrap, "seed"),
                    help=help_with_default("bootstrap seed", default_of(bootstrap, "seed")))
     p.add_argument("--calibrate", choices=list(CALIBRATORS),
-                   help="fit this post-hoc calibrator on --fit-on (a run: its validation split), apply it before measuring")
+                   help="fit this post-hoc calibrator on --fit-on (a run: its calibration split), apply it before measuring")
     p.add_argument("--fit-on", metavar="FILE", help=".npz of labelled logits to fit the calibrator on")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a reliability diagram (PNG)")

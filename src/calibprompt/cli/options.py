@@ -70,8 +70,8 @@ def add_config_options(parser: argparse.ArgumentParser, config_class: type,
         elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_with_default(text, shown), **kwargs)
-        elif typing.get_origin(kind) is tuple:  # tuple[float, ...]: one or more values
-            parser.add_argument(flag, type=typing.get_args(kind)[0], nargs="+", default=f.default,
+        elif typing.get_origin(kind) is tuple:  # tuple[float, ...]: one or more values, the flag repeatable
+            parser.add_argument(flag, type=typing.get_args(kind)[0], nargs="+", action="extend", default=f.default,
                                 help=help_with_default(text, shown), **kwargs)
         else:
             parser.add_argument(flag, type=kind, default=f.default, help=help_with_default(text, shown),

@@ -175,7 +175,7 @@ def register(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     _apply_options(p)
     p.set_defaults(func=cmd_predict)
 
-    p = add("calibrate", "fit a post-hoc calibrator on a run's validation logits, evaluate on test",
+    p = add("calibrate", "fit a post-hoc calibrator on a run's calibration logits, evaluate on test",
             EXAMPLES["calibrate"])
     p.add_argument("run", help="a run directory (any method) or its predictions.npz")
     p.add_argument("--calibrator", default="temperature", choices=list(CALIBRATORS),

@@ -122,7 +122,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         state = "skipped (finished)" if result.skipped else "done"
         ece = 100 * result.metrics["uncalibrated"]["ece"]
         console.print(f"[{i + 1}/{total}] {config.backbone} {config.dataset} {config.method} seed "
-                      f"{config.seed}: {state}, ECE {ece:.2f}%  {result.directory.name}")
+                      f"{config.seed}: {state}, ECE {ece:.2f}%  {result.directory.name}", soft_wrap=True)
 
     out_dir(args.out, "--out")
     results = run_sweep(args.file, out=args.out, force=args.force, on_run=progress, lockstep=args.lockstep,

@@ -60,6 +60,8 @@ def check_executor(executor: str, address: str | None, workers: int | None) -> N
         raise ValueError(f"ray_workers: expected a positive number of worker processes, got {workers!r}")
     if executor == "serial" and (address is not None or workers is not None):
         raise ValueError("--address/--ray-workers apply to --executor ray")
+    if address is not None and workers is not None:
+        raise ValueError("--ray-workers sets the workers of a local Ray; with --address the cluster has its own")
     if executor == "ray":
         try:
             import ray  # noqa: F401

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from scipy.special import softmax
 
 from calibprompt.data import DataError, FeatureStore, calibration_split, few_shot, validation_split
 from calibprompt.data.views import SeededViews, train_view_transform
@@ -28,11 +29,13 @@ from calibprompt.files import atomic_path, slug, write_json
 from calibprompt.losses import LOSSES
 from calibprompt.methods import coop
 from calibprompt.methods.coop import TrainConfig
+from calibprompt.methods.selection import SCORES, bind, parse_space, placeholders, search
 from calibprompt.methods.smoothing import noise, pixel_transform
 from calibprompt.methods.zeroshot import zeroshot_logits, zeroshot_text_features
-from calibprompt.metrics import METRICS_VERSION
+from calibprompt.metrics import METRICS_VERSION, evaluate
 from calibprompt.metrics._validation import MAX_BINS
-from calibprompt.objective import PRESETS, Objective
+from calibprompt.objective import PRESET_SEARCH, PRESETS, Objective
+from calibprompt.progress import rate_progress
 from calibprompt.prompts import POSITIONS, PromptLearner, check_distinct_prompts
 from calibprompt.runs import finetune as finetune_run  # finetune_run.work_full: patchable in tests
 from calibprompt.runs.common import (
@@ -67,7 +70,12 @@ MEDCLIP_WARMUP_LR = 1e-3
 
 #: Fields that only apply to training (not part of a zero-shot run's identity or name).
 TRAINING_FIELDS = ("shots", "n_ctx", "init", "position", "class_specific", "views", "epochs",
-                   "batch_size", "lr", "warmup_lr", "alpha", "weight")
+                   "batch_size", "lr", "warmup_lr", "alpha", "weight", "tune", "search", "trials", "tune_metric")
+#: Bumped when the hyperparameter search changes its results (part of tuned runs' identity).
+TUNE_PROTOCOL_VERSION = 1
+#: Candidates proposed and trained (in lockstep) at once; fixed, so that a search is the same on
+#: every machine (the proposals of a batch depend on its size).
+TUNE_BATCH = 4
 #: Fields of the prompt (context) that full fine-tuning does not have.
 PROMPT_FIELDS = ("n_ctx", "init", "position", "class_specific", "views")
 #: The training regimes: prompt tuning (a learned context, frozen towers) and full fine-tuning.
@@ -121,7 +129,8 @@ class PromptRunConfig(RunConfigBase):
     n_bins: int = option(15, help="bins of ECE/MCE/ACE in metrics.json")
     val_per_class: int | None = option(None, help="tuning images per class (hyperparameter selection; the split "
                                                   "called validation before the calibration split existed)",
-                                       default_text="max(4, 64 / classes), at most half of what the shots leave")
+                                       default_text="max(4, 64 / classes); shared with the calibration split when "
+                                                    "the pool left after the shots is small")
     calib_per_class: int | None = option(None, help="calibration images per class (temperature scaling, decision "
                                                     "methods), disjoint from the shots and the tuning split",
                                          default_text="max(4, 64 / classes), at most what is left")
@@ -129,6 +138,16 @@ class PromptRunConfig(RunConfigBase):
                                  default_text="the paper's for this backbone and dataset")
     weight: float | None = option(None, help="calibprompt preset: the angular-separation weight",
                                   default_text="the paper's for this backbone and dataset")
+    tune: str | None = option(None, help="auto: choose the objective's free hyperparameters (a preset's, or the "
+                                         "?placeholders of --objective) by training candidates on the few-shot "
+                                         "split and scoring them on the tuning split -- never on the test or "
+                                         "calibration split", choices=("auto",), default_text="off")
+    search: tuple[str, ...] | None = option(None, help="--tune auto: NAME=LOW:HIGH[:log] or NAME=V1,V2,... for a "
+                                                       "placeholder ?NAME (repeatable)", metavar="NAME=RANGE",
+                                            default_text="a preset's own ranges")
+    trials: int = option(16, help="--tune auto: candidates trained and scored (a list of choices whose grid fits is "
+                                  "searched whole)")
+    tune_metric: str = option("nll", help="--tune auto: the score minimised on the tuning split", choices=SCORES)
 
     @property
     def zero_shot(self) -> bool:
@@ -151,8 +170,38 @@ class PromptRunConfig(RunConfigBase):
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=lr, warmup_lr=warmup,
                            warmup_epochs=warmup_epochs, seed=self.seed)
 
+    def objective_template(self) -> tuple[str, dict[str, Any]]:
+        """``--tune auto``: the objective with placeholders and the search space of each (a preset's
+        own ranges, :data:`calibprompt.objective.PRESET_SEARCH`, replaced by ``--search``)."""
+        if self.method in PRESETS:
+            if self.method not in PRESET_SEARCH:
+                raise ValueError(f"--tune auto: the {self.method} preset has no hyperparameters to tune; write an "
+                                 "objective with ?placeholders, e.g. --objective 'ce + ?w*mdca' --search w=0.1:10:log")
+            template, ranges = PRESET_SEARCH[self.method]
+            space = parse_space(ranges)
+        else:
+            template, space = self.method, {}
+        names = placeholders(template)
+        given = parse_space(self.search or ())
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ValueError(f"--search: {', '.join(unknown)} is not a placeholder of the objective {template!r} "
+                             f"(its placeholders: {', '.join('?' + n for n in names) or 'none'})")
+        space.update(given)
+        missing = [n for n in names if n not in space]
+        if not names:
+            raise ValueError(f"--tune auto: the objective {template!r} has no ?placeholders to tune, e.g. "
+                             "--objective 'ls(alpha=?a) + smac(alpha=?a) + ?w*as' --search a=0.01:0.3:log w=0.1:10:log")
+        if missing:
+            raise ValueError(f"--search: give a range for {', '.join('?' + n for n in missing)} "
+                             f"(NAME=LOW:HIGH[:log] or NAME=V1,V2,...)")
+        return template, {n: space[n] for n in names}
+
     def objective(self):
-        """The resolved objective (``None`` for zero-shot); errors name the bad option."""
+        """The resolved objective (``None`` for zero-shot and for ``--tune auto``: each candidate
+        has its own); errors name the bad option."""
+        if self.tune:
+            return None
         overrides = {k: v for k, v in (("alpha", self.alpha), ("weight", self.weight)) if v is not None}
         if self.zero_shot:
             if overrides:
@@ -205,8 +254,34 @@ class PromptRunConfig(RunConfigBase):
             raise ValueError(f"seed: expected a non-negative integer, got {self.seed!r}")
         self.check_base_options()
 
+        self._validate_tuning()
         self.objective()  # an unknown preset or a malformed expression fails here
         device_kind(self.device)
+
+    def _validate_tuning(self) -> None:
+        if not self.tune:
+            if self.search is not None:
+                raise ValueError("--search applies to --tune auto")
+            names = [] if self.zero_shot else placeholders(self.method)
+            if names:
+                shown = ", ".join("?" + n for n in names)
+                raise ValueError(f"objective {self.method!r}: placeholders ({shown}) need --tune auto and "
+                                 "--search NAME=RANGE")
+            return
+        if self.tune != "auto":
+            raise ValueError(f"tune: expected auto, got {self.tune!r}")
+        if self.zero_shot or self.full or self.noise_sigmas is not None:
+            raise ValueError("--tune auto: tunes prompt tuning's objective (not zero-shot, --regime full or "
+                             "--noise-sigmas)")
+        if self.alpha is not None or self.weight is not None:
+            raise ValueError("--alpha/--weight fix what --tune auto would choose; give one or the other")
+        if isinstance(self.trials, bool) or self.trials < 1:
+            raise ValueError(f"trials: expected a positive integer, got {self.trials!r}")
+        if self.tune_metric not in SCORES:
+            raise ValueError(f"tune_metric: expected one of {', '.join(SCORES)}, got {self.tune_metric!r}")
+        template, space = self.objective_template()
+        probe = {n: d.choices[0] if d.choices is not None else d.low for n, d in space.items()}
+        Objective.parse(bind(template, probe))  # unknown losses, keywords or types fail here
 
     def effective(self, objective: Any = None, sizes: tuple[int, int] | None = None) -> dict[str, Any]:
         """The fields that determine the result, defaults resolved (``sizes``: the tuning and
@@ -221,7 +296,17 @@ class PromptRunConfig(RunConfigBase):
             data.update({k: getattr(self, k) for k in TRAINING_FIELDS if k not in skip})
             data.update(lr=train.lr, warmup_lr=train.warmup_lr, momentum=train.momentum,
                         weight_decay=train.weight_decay, warmup_epochs=train.warmup_epochs)
-            data["objective"] = str(objective if objective is not None else self.objective())
+            if self.tune:
+                template, space = self.objective_template()
+                data["objective"] = template
+                data.update(search=[str(d) for d in space.values()], trials=self.trials,
+                            tune_metric=self.tune_metric, tune_protocol=TUNE_PROTOCOL_VERSION, tune_batch=TUNE_BATCH)
+                for key in ("tune", "alpha", "weight"):
+                    data.pop(key, None)
+            else:
+                data["objective"] = str(objective if objective is not None else self.objective())
+                for key in ("tune", "search", "trials", "tune_metric"):  # untuned runs keep their identities
+                    data.pop(key, None)
             if self.noise_sigmas is not None:  # fresh noisy views replace the cached view bank
                 data.pop("views", None)
                 data.update(noise_sigmas=sorted(float(v) for v in self.noise_sigmas),
@@ -256,8 +341,8 @@ class PromptRunConfig(RunConfigBase):
             data={"train": dataset_fingerprint(train, store), "test": dataset_fingerprint(test, store)},
             backbone=backbone.fingerprint, protocol_version=PROTOCOL_VERSION,
             metrics_version=METRICS_VERSION, precision=self.precision, device_kind=kind)
-        defaults = PromptRunConfig(self.backbone, self.dataset, self.root, method=self.method,
-                                   regime=self.regime).effective(objective, default_sizes)
+        defaults = PromptRunConfig(self.backbone, self.dataset, self.root, method=self.method, regime=self.regime,
+                                   tune=self.tune, search=self.search).effective(objective, default_sizes)
         head = [f"seed{self.seed}"] if self.zero_shot else [f"{self.shots}shot", f"seed{self.seed}"]
         head += [f"{k}{v:g}" for k, v in (("alpha", self.alpha), ("weight", self.weight)) if v is not None]
         if self.noise_sigmas is not None:
@@ -363,6 +448,9 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
         else:  # fresh noise every step: the views are encoded as training draws them
             features_fn = NoisyViews(backbone, shot_set.paths, config.noise_sigmas, config.seed)
             features, bank_labels = torch.zeros(len(shot_set), 1, backbone.embed_dim), shot_set.labels
+        if config.tune:
+            return _tune(config, directory, backbone, train, test, test_feats, labelled, tables, (shots, val, calib),
+                         features, torch.as_tensor(bank_labels), zs_text)
         learner = PromptLearner(backbone, train.classnames, n_ctx=config.n_ctx, init=config.init,
                                 position=config.position, class_specific=config.class_specific,
                                 seed=config.seed)
@@ -402,3 +490,61 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
         return Training(job, finish, config.method)
     return classifier_outputs(directory, zs_text, backbone.logit_scale, test, test_feats, labelled, tables,
                               (shots, val, calib), logs)
+
+
+def _tune(config: PromptRunConfig, directory: RunDirectory, backbone: Any, train: Any, test: Any, test_feats: Any,
+          labelled: dict[str, tuple[Any, Any]], tables: set[str], manifests: tuple[Any, ...], features: torch.Tensor,
+          labels: torch.Tensor, zs_text: torch.Tensor) -> Outputs:
+    """``--tune auto``: candidates of the search space, each a full prompt-tuning run on the few-shot
+    split (trained :data:`TUNE_BATCH` at a time in lockstep), scored on the tuning split only; the
+    run is the chosen candidate. Every candidate and the choice go to ``tuning.json``."""
+    template, space = config.objective_template()
+    tuning_set, tuning_feats = labelled["val"]
+    tuning_labels = tuning_set.labels[tuning_feats.index]
+    trained: list[tuple[torch.Tensor, list[dict[str, Any]]]] = []  # each candidate's context and epoch log
+    scale = backbone.logit_scale
+
+    def evaluate_batch(proposals: list[dict[str, float]]) -> list[dict[str, float]]:
+        jobs, logs = [], []
+        for values in proposals:
+            learner = PromptLearner(backbone, train.classnames, n_ctx=config.n_ctx, init=config.init,
+                                    position=config.position, class_specific=config.class_specific, seed=config.seed)
+            log: list[dict[str, Any]] = []
+            logs.append(log)
+            jobs.append(coop.PromptJob(learner, features, labels, Objective.parse(bind(template, values)),
+                                       config.train_config(), zs_text,
+                                       on_epoch=lambda entry, *_, log=log: log.append(asdict(entry))))
+        coop.train_prompts(jobs)
+        scores = []
+        for job, log in zip(jobs, logs, strict=True):
+            with torch.no_grad():
+                text = job.learner()
+            logits = zeroshot_logits(tuning_feats.features, text, scale).double().cpu().numpy()
+            measured = evaluate(softmax(logits, axis=1), tuning_labels, n_bins=config.n_bins)
+            scores.append({k: float(measured[k]) for k in ("nll", "brier", "ece", "accuracy")})
+            trained.append((job.learner.ctx.detach().clone(), log))
+        bar.update(task, advance=len(proposals))
+        return scores
+
+    with rate_progress(config.progress, unit="candidates") as bar:
+        task = bar.add_task(f"tuning {config.method}", total=config.trials, rate="-")
+        result = search(space, evaluate_batch, trials=config.trials, metric=config.tune_metric, seed=config.seed,
+                        batch=TUNE_BATCH)
+    ctx, logs = trained[result.chosen["index"]]
+    learner = PromptLearner(backbone, train.classnames, n_ctx=config.n_ctx, init=config.init,
+                            position=config.position, class_specific=config.class_specific, seed=config.seed)
+    with torch.no_grad():
+        learner.ctx.copy_(ctx)
+        text = learner()
+    with atomic_path(directory.path("prompt.safetensors")) as tmp:
+        save_file({"ctx": learner.ctx.detach().cpu().contiguous()}, str(tmp))
+    write_json(directory.path("log.json"), logs)
+    chosen_objective = bind(template, result.chosen["values"])
+    write_json(directory.path("tuning.json"), {
+        "split": "tuning", "tuning_images": len(tuning_labels), "objective": template,
+        "space": [d.to_dict() for d in space.values()], "trials": config.trials, "batch": TUNE_BATCH,
+        "seed": config.seed, "chosen_objective": chosen_objective, **result.to_dict()})
+    extra = {"tuning": {"chosen": result.chosen["values"], "objective": chosen_objective, "metric": result.metric,
+                        "score": result.chosen["scores"][result.metric], "candidates": len(result.candidates),
+                        "sampler": result.sampler}}
+    return classifier_outputs(directory, text, scale, test, test_feats, labelled, tables, manifests, logs, extra)

@@ -153,6 +153,21 @@ def _same_run(config: Any) -> str:
     return json.dumps([config.kind, effective, where], sort_keys=True, default=str)
 
 
+def _parallel_units(address: str | None, ray_workers: int | None, devices: list[str]) -> int:
+    """How many units a local Ray runs at once: ``ray_workers``, else one per GPU for CUDA runs
+    (each task asks for a GPU) or per CPU. On a cluster (``address``) the count is not known here:
+    groups are not cut (each group is one unit, trained in lockstep)."""
+    if ray_workers:
+        return ray_workers
+    if address is not None:
+        return 1
+    if any(gpu_share(d) for d in devices):
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return os.cpu_count() or 1
+
+
 def _sweep_unit(configs: list[Any], out: Path, force: bool, lockstep: int | None) -> list[RunResult]:
     """One unit of a sweep: a lockstep group of runs (or one run), executed to the end."""
     return execute_group(configs, out, force=force, group_size=lockstep)
@@ -186,8 +201,8 @@ def execute_runs(configs: list[Any], out: str | Path, force: bool = False,
     unique = sorted(set(same))
     groups = lockstep_groups([configs[i] for i in unique]) if lockstep != 1 else [[k] for k in range(len(unique))]
     groups = [[unique[k] for k in group] for group in groups]
-    if executor == "ray":
-        pieces = ray_workers or os.cpu_count() or 1
+    if executor == "ray":  # a group is cut into as many pieces as units can run at once
+        pieces = _parallel_units(address, ray_workers, [c.device for c in configs])
         groups = [piece for group in groups for piece in chunks(group, min(len(group), pieces))]
     quiet = executor == "ray"  # workers' own progress bars would garble the display of units
     units = [([replace(configs[i], progress=False) if quiet else configs[i] for i in group], target, force, lockstep)

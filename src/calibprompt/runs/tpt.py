@@ -198,9 +198,11 @@ class TPTRunConfig(RunConfigBase):
         train, test = config.load_splits()
         wanted = (config.val_per_class or 0) + (config.calib_per_class or 0)
         if train is not None and wanted > train.class_counts().min():
-            raise DataError(f"--val-per-class {config.val_per_class or 0} + --calib-per-class "
-                            f"{config.calib_per_class or 0}: {config.dataset}/train has only "
-                            f"{train.class_counts().min()} image(s) in its smallest class")
+            asked = " + ".join(f"{flag} {value}" for flag, value in (("--val-per-class", config.val_per_class),
+                                                                       ("--calib-per-class", config.calib_per_class))
+                               if value)
+            raise DataError(f"{asked}: {config.dataset}/train has only {train.class_counts().min()} image(s) in its "
+                            "smallest class")
         backbone = cached_backbone(config.backbone, config.weights, config.device, config.precision)
         learner, prompt_digest = _initial_learner(backbone, list(test.classnames), config)
         store = FeatureStore(config.cache)
