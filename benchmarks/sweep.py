@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         backbone = load_backbone("clip:ViT-B-32", weights="random")
     tmp = tempfile.TemporaryDirectory()
     root = Path(tmp.name)
-    make_dataset_tree(root / "data", "kather", per_class=[16] * 9, splits=["train"], size=224, suffix=".jpg")
+    make_dataset_tree(root / "data", "kather", per_class=[24] * 9, splits=["train"], size=224, suffix=".jpg")
     make_dataset_tree(root / "data", "kather", per_class=[args.test_per_class] * 9, splits=["test"], size=224,
                       suffix=".jpg", seed=1, classnames_file=False)
     train = load_dataset("kather", root / "data", "train")
