@@ -18,9 +18,9 @@ from calibprompt.demo.tissue import write_demo_dataset
 from calibprompt.runs import load_run, summarize
 
 
-def imagefolder(root, seed):
+def imagefolder(root, seed, train=6, test=5):
     """The demo classes as a user's image folder (train/ and test/ splits, classnames.txt)."""
-    base = write_demo_dataset(root / "gen", per_class={"train": 6, "test": 5}, seed=seed)
+    base = write_demo_dataset(root / "gen", per_class={"train": train, "test": test}, seed=seed)
     shutil.copytree(base / "images", root / "data")
     shutil.copy(base / "classnames.txt", root / "data" / "classnames.txt")
     shutil.rmtree(root / "gen")

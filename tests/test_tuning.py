@@ -11,23 +11,15 @@ import numpy as np
 import pytest
 
 from calibprompt.cli import main
-from calibprompt.demo.tissue import write_demo_dataset
 from calibprompt.runs.directory import read_predictions
-
-
-def imagefolder(root):
-    base = write_demo_dataset(root / "gen", per_class={"train": 12, "test": 10}, seed=0)
-    shutil.copytree(base / "images", root / "data")
-    shutil.copy(base / "classnames.txt", root / "data" / "classnames.txt")
-    shutil.rmtree(root / "gen")
-    return root / "data"
+from tests.test_sweeps import imagefolder
 
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
     """The data, and a copy whose test labels are shuffled (images moved between class folders)."""
     tmp = tmp_path_factory.mktemp("tune")
-    data = imagefolder(tmp)
+    data = imagefolder(tmp, seed=0, train=12, test=10)
     shuffled = shutil.copytree(data, tmp / "shuffled")
     classes = sorted(p.name for p in (shuffled / "test").iterdir())
     moves = []
