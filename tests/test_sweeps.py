@@ -183,6 +183,7 @@ def test_external_evaluation_calibrate_and_metrics_on_every_kind(finished, roots
     assert main(["evaluate", str(runs["ce"]), "--dataset", "imagefolder", "--root", str(wrong)]) == 2
     assert "not the run's classes" in capsys.readouterr().err
 
+    assert "valperclass2" in runs["tpt-tpt"].name and "calibperclass2" in runs["tpt-tpt"].name  # named: not defaults
     # calibrate: a test-time run without a calibration split refuses in one line, saying how
     assert main(["calibrate", str(runs["tpt-ctpt"])]) == 2
     err = capsys.readouterr().err

@@ -215,7 +215,7 @@ class TPTRunConfig(RunConfigBase):
             metrics_version=METRICS_VERSION, precision=config.precision, device_kind=kind)
         base = TPTRunConfig(config.backbone, config.dataset, config.root, method=config.method,
                             protocol=config.protocol).resolved()
-        defaults = {**base.effective(), "init_prompt_digest": None}
+        defaults = {"calib_per_class": None, **base.effective(), "init_prompt_digest": None}  # named when set
         name = run_name([f"seed{config.seed}"], effective, defaults, identity.run_id,
                         skip=("method", "backbone", "dataset", "seed", "init_prompt_digest"))
         if prompt_digest is not None:
