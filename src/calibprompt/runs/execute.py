@@ -145,8 +145,8 @@ def train_together(trainings: list[Training], progress: bool = True, group_size:
     for all. Each run checkpoints after each of its epochs, as alone."""
     if not trainings:
         return
-    if group_size is None:
-        group_size = lockstep_capacity(trainings[0].job.learner)
+    if group_size is None:  # the memory probe (two encoder passes) only when there is a group to size
+        group_size = 1 if len(trainings) == 1 else lockstep_capacity(trainings[0].job.learner)
     with rate_progress(progress, rate_label="loss") as bar:
         label = f"training {trainings[0].label}" if len(trainings) == 1 else \
             f"training {len(trainings)} runs in lockstep"
