@@ -138,7 +138,9 @@ def print_run(result: Any, label: str = "") -> None:
     tuning = result.metrics.get("tuning")
     if tuning:
         chosen = ", ".join(f"{k}={v:.4g}" for k, v in tuning["chosen"].items())
-        console.print(f"chosen on the tuning split ({tuning['metric']} {tuning['score']:.4f}, {tuning['candidates']} "
+        where = (f"by {tuning['folds']}-fold cross-validation" if tuning.get("split") == "cross-validation"
+                 else "on the tuning split")
+        console.print(f"chosen {where} ({tuning['metric']} {tuning['score']:.4f}, {tuning['candidates']} "
                       f"candidates; all in tuning.json): {chosen}", soft_wrap=True)
     left_out = [*result.metrics.get("excluded_test_images", []), *result.metrics.get("excluded_train_images", [])]
     if left_out:

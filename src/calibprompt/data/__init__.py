@@ -5,6 +5,7 @@ from calibprompt.data.features import FeatureResult, FeatureStore, default_cache
 from calibprompt.data.splits import (
     SplitManifest,
     calibration_split,
+    cv_folds,
     default_per_class,
     few_shot,
     holdout_split,
@@ -20,6 +21,7 @@ __all__ = [
     "FeatureStore",
     "SplitManifest",
     "calibration_split",
+    "cv_folds",
     "default_cache_dir",
     "default_per_class",
     "few_shot",

@@ -33,11 +33,11 @@ from calibprompt.data.datasets import ALL, DataError, Dataset, load_dataset
 from calibprompt.data.images import check_image, file_hash
 from calibprompt.files import write_json
 
-__all__ = ["HOLDOUT_SEED", "SplitManifest", "calibration_split", "default_per_class", "few_shot", "holdout_split",
+__all__ = ["HOLDOUT_SEED", "SplitManifest", "calibration_split", "cv_folds", "default_per_class", "few_shot", "holdout_split",
            "load_train_test", "split_rng", "validation_split"]
 
 MANIFEST_VERSION = 1
-_STREAMS = {"few_shot": 1, "validation": 2, "holdout": 3, "calibration": 4}
+_STREAMS = {"few_shot": 1, "validation": 2, "holdout": 3, "calibration": 4, "folds": 6}
 
 #: The seed of every held-out test set: independent of the run seed, so that every seed and
 #: method of an experiment is measured on the same images.
@@ -213,6 +213,22 @@ def calibration_split(
     nothing else. ``per_class`` defaults to ``max(4, ceil(64 / C))``: about 64 images, above the
     40-50 that temperature scaling needs (Tu et al. 2024)."""
     return _labelled_split("calibration", dataset, list(exclude), per_class, seed, strict, manifest_path)
+
+
+def cv_folds(labels: Sequence[int] | np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """The fold (0 .. ``folds`` - 1) of each item for class-stratified k-fold cross-validation:
+    each class's items are put in a random order seeded by (seed, the folds stream, class) and dealt
+    to the folds in turn, so every fold holds ⌊n_c / k⌋ or ⌈n_c / k⌉ items of class c. Deterministic
+    for a seed; an item's fold depends on its class's items and their order only."""
+    labels = np.asarray(labels)
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ValueError(f"folds: expected an integer >= 2, got {folds!r}")
+    out = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        index = np.flatnonzero(labels == c)
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), _STREAMS["folds"], int(c)]))
+        out[index[rng.permutation(len(index))]] = np.arange(len(index)) % folds
+    return out
 
 
 def default_per_class(num_classes: int) -> int:

@@ -21,21 +21,26 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from scipy.special import softmax
 
-from calibprompt.data import DataError, FeatureStore, calibration_split, few_shot, validation_split
+from calibprompt.data import (
+    DataError,
+    FeatureStore,
+    calibration_split,
+    cv_folds,
+    few_shot,
+    validation_split,
+)
 from calibprompt.data.views import SeededViews, train_view_transform
 from calibprompt.files import atomic_path, slug, write_json
 from calibprompt.losses import LOSSES
 from calibprompt.methods import coop
 from calibprompt.methods.coop import TrainConfig
-from calibprompt.methods.selection import SCORES, bind, parse_space, placeholders, search
+from calibprompt.methods.selection import bind, parse_space, placeholders
 from calibprompt.methods.smoothing import noise, pixel_transform
 from calibprompt.methods.zeroshot import zeroshot_logits, zeroshot_text_features
-from calibprompt.metrics import METRICS_VERSION, evaluate
+from calibprompt.metrics import METRICS_VERSION
 from calibprompt.metrics._validation import MAX_BINS
 from calibprompt.objective import PRESET_SEARCH, PRESETS, Objective
-from calibprompt.progress import rate_progress
 from calibprompt.prompts import POSITIONS, PromptLearner, check_distinct_prompts
 from calibprompt.runs import finetune as finetune_run  # finetune_run.work_full: patchable in tests
 from calibprompt.runs.common import (
@@ -54,6 +59,17 @@ from calibprompt.runs.common import (
 )
 from calibprompt.runs.directory import RunDirectory
 from calibprompt.runs.identity import RunIdentity, run_name
+from calibprompt.runs.tuning import (
+    check_tuning_options,
+    identity_fields,
+    run_search,
+    search_option,
+    trials_option,
+    tune_metric_option,
+    tune_option,
+    tuning_scores,
+    write_tuning,
+)
 
 __all__ = ["PROTOCOL_VERSION", "PromptRunConfig", "RunConfig"]
 
@@ -70,12 +86,8 @@ MEDCLIP_WARMUP_LR = 1e-3
 
 #: Fields that only apply to training (not part of a zero-shot run's identity or name).
 TRAINING_FIELDS = ("shots", "n_ctx", "init", "position", "class_specific", "views", "epochs",
-                   "batch_size", "lr", "warmup_lr", "alpha", "weight", "tune", "search", "trials", "tune_metric")
-#: Bumped when the hyperparameter search changes its results (part of tuned runs' identity).
-TUNE_PROTOCOL_VERSION = 1
-#: Candidates proposed and trained (in lockstep) at once; fixed, so that a search is the same on
-#: every machine (the proposals of a batch depend on its size).
-TUNE_BATCH = 4
+                   "batch_size", "lr", "warmup_lr", "alpha", "weight", "tune", "search", "trials", "tune_metric",
+                   "tune_folds")
 #: Fields of the prompt (context) that full fine-tuning does not have.
 PROMPT_FIELDS = ("n_ctx", "init", "position", "class_specific", "views")
 #: The training regimes: prompt tuning (a learned context, frozen towers) and full fine-tuning.
@@ -138,16 +150,16 @@ class PromptRunConfig(RunConfigBase):
                                  default_text="the paper's for this backbone and dataset")
     weight: float | None = option(None, help="calibprompt preset: the angular-separation weight",
                                   default_text="the paper's for this backbone and dataset")
-    tune: str | None = option(None, help="auto: choose the objective's free hyperparameters (a preset's, or the "
-                                         "?placeholders of --objective) by training candidates on the few-shot "
-                                         "split and scoring them on the tuning split -- never on the test or "
-                                         "calibration split", choices=("auto",), default_text="off")
-    search: tuple[str, ...] | None = option(None, help="--tune auto: NAME=LOW:HIGH[:log] or NAME=V1,V2,... for a "
-                                                       "placeholder ?NAME (repeatable)", metavar="NAME=RANGE",
-                                            default_text="a preset's own ranges")
-    trials: int = option(16, help="--tune auto: candidates trained and scored (a list of choices whose grid fits is "
-                                  "searched whole)")
-    tune_metric: str = option("nll", help="--tune auto: the score minimised on the tuning split", choices=SCORES)
+    tune: str | None = tune_option("the objective's free hyperparameters (a preset's, or the ?placeholders of "
+                                   "--objective): candidates trained on the few-shot split, scored on the tuning "
+                                   "split (or by cross-validation, --tune-folds)")
+    search: tuple[str, ...] | None = search_option("a preset's own ranges")
+    trials: int = trials_option()
+    tune_metric: str = tune_metric_option()
+    tune_folds: int | None = option(None, help="--tune auto: score each candidate by K-fold cross-validation over the "
+                                               "few-shot and tuning images (class-stratified; K trainings per "
+                                               "candidate) instead of on the tuning split -- for small splits",
+                                    metavar="K", default_text="off: the tuning split")
 
     @property
     def zero_shot(self) -> bool:
@@ -260,25 +272,24 @@ class PromptRunConfig(RunConfigBase):
 
     def _validate_tuning(self) -> None:
         if not self.tune:
-            if self.search is not None:
-                raise ValueError("--search applies to --tune auto")
+            for name, value in (("--search", self.search), ("--tune-folds", self.tune_folds)):
+                if value is not None:
+                    raise ValueError(f"{name} applies to --tune auto")
             names = [] if self.zero_shot else placeholders(self.method)
             if names:
                 shown = ", ".join("?" + n for n in names)
                 raise ValueError(f"objective {self.method!r}: placeholders ({shown}) need --tune auto and "
                                  "--search NAME=RANGE")
             return
-        if self.tune != "auto":
-            raise ValueError(f"tune: expected auto, got {self.tune!r}")
+        check_tuning_options(self)
         if self.zero_shot or self.full or self.noise_sigmas is not None:
             raise ValueError("--tune auto: tunes prompt tuning's objective (not zero-shot, --regime full or "
                              "--noise-sigmas)")
         if self.alpha is not None or self.weight is not None:
             raise ValueError("--alpha/--weight fix what --tune auto would choose; give one or the other")
-        if isinstance(self.trials, bool) or self.trials < 1:
-            raise ValueError(f"trials: expected a positive integer, got {self.trials!r}")
-        if self.tune_metric not in SCORES:
-            raise ValueError(f"tune_metric: expected one of {', '.join(SCORES)}, got {self.tune_metric!r}")
+        if self.tune_folds is not None and (isinstance(self.tune_folds, bool) or self.tune_folds < 2):
+            raise ValueError(f"tune_folds: expected an integer >= 2 (folds of the cross-validation), got "
+                             f"{self.tune_folds!r}")
         template, space = self.objective_template()
         probe = {n: d.choices[0] if d.choices is not None else d.low for n, d in space.items()}
         Objective.parse(bind(template, probe))  # unknown losses, keywords or types fail here
@@ -299,13 +310,12 @@ class PromptRunConfig(RunConfigBase):
             if self.tune:
                 template, space = self.objective_template()
                 data["objective"] = template
-                data.update(search=[str(d) for d in space.values()], trials=self.trials,
-                            tune_metric=self.tune_metric, tune_protocol=TUNE_PROTOCOL_VERSION, tune_batch=TUNE_BATCH)
-                for key in ("tune", "alpha", "weight"):
-                    data.pop(key, None)
+                data.update(identity_fields(space, self.trials, self.tune_metric))
+                for key in ("tune", "alpha", "weight", *(("tune_folds",) if self.tune_folds is None else ())):
+                    data.pop(key, None)  # holdout searches keep the identities they had before folds existed
             else:
                 data["objective"] = str(objective if objective is not None else self.objective())
-                for key in ("tune", "search", "trials", "tune_metric"):  # untuned runs keep their identities
+                for key in ("tune", "search", "trials", "tune_metric", "tune_folds"):  # untuned runs: as before
                     data.pop(key, None)
             if self.noise_sigmas is not None:  # fresh noisy views replace the cached view bank
                 data.pop("views", None)
@@ -329,6 +339,10 @@ class PromptRunConfig(RunConfigBase):
                             f"images ({counts.min()} at least); use fewer shots")
         sizes = labelled_sizes(train, 0 if self.zero_shot else self.shots, self.val_per_class, self.calib_per_class,
                                self.dataset)
+        if self.tune_folds is not None and self.tune_folds > self.shots + sizes[0]:
+            raise DataError(f"--tune-folds {self.tune_folds}: cross-validation over {self.shots} shot(s) + {sizes[0]} "
+                            f"tuning image(s) per class allows at most {self.shots + sizes[0]} folds; use fewer folds "
+                            "or more tuning images (--val-per-class)")
         default_sizes = labelled_sizes(train, 0 if self.zero_shot else self.shots, None, None, self.dataset)
         kind = device_kind(self.device)
         backbone = cached_backbone(self.backbone, self.weights, self.device, self.precision)
@@ -448,12 +462,21 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
         else:  # fresh noise every step: the views are encoded as training draws them
             features_fn = NoisyViews(backbone, shot_set.paths, config.noise_sigmas, config.seed)
             features, bank_labels = torch.zeros(len(shot_set), 1, backbone.embed_dim), shot_set.labels
+        extra: dict[str, Any] = {}
         if config.tune:
-            return _tune(config, directory, backbone, train, test, test_feats, labelled, tables, (shots, val, calib),
-                         features, torch.as_tensor(bank_labels), zs_text)
-        learner = PromptLearner(backbone, train.classnames, n_ctx=config.n_ctx, init=config.init,
-                                position=config.position, class_specific=config.class_specific,
-                                seed=config.seed)
+            objective, extra, chosen = _tune(config, directory, backbone, store, train, labelled, shots, features,
+                                             torch.as_tensor(bank_labels), zs_text, tables)
+            if chosen is not None:  # tuned on the tuning split: the chosen candidate is the run
+                learner = _learner(config, backbone, train)
+                with torch.no_grad():
+                    learner.ctx.copy_(chosen["tensors"]["ctx"])
+                    text = learner()
+                _save_prompt(directory, learner)
+                write_json(directory.path("log.json"), chosen["info"])
+                return classifier_outputs(directory, text, backbone.logit_scale, test, test_feats, labelled, tables,
+                                          (shots, val, calib), chosen["info"], extra)
+            # cross-validated: the chosen objective is trained on the few-shot split below, as any run
+        learner = _learner(config, backbone, train)
         start_epoch, optimizer_state = 0, None
         checkpoint = directory.load_checkpoint()
         if checkpoint is not None:
@@ -478,11 +501,10 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
         def finish() -> Outputs:
             with torch.no_grad():
                 text = learner()
-            with atomic_path(directory.path("prompt.safetensors")) as tmp:
-                save_file({"ctx": learner.ctx.detach().cpu().contiguous()}, str(tmp))
+            _save_prompt(directory, learner)
             write_json(directory.path("log.json"), logs)
             return classifier_outputs(directory, text, backbone.logit_scale, test, test_feats, labelled, tables,
-                                      (shots, val, calib), logs)
+                                      (shots, val, calib), logs, extra)
 
         job = coop.PromptJob(learner, features, torch.as_tensor(bank_labels), objective, config.train_config(),
                              zs_text, on_epoch=on_epoch, start_epoch=start_epoch, optimizer_state=optimizer_state,
@@ -492,59 +514,94 @@ def _work(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store
                               (shots, val, calib), logs)
 
 
-def _tune(config: PromptRunConfig, directory: RunDirectory, backbone: Any, train: Any, test: Any, test_feats: Any,
-          labelled: dict[str, tuple[Any, Any]], tables: set[str], manifests: tuple[Any, ...], features: torch.Tensor,
-          labels: torch.Tensor, zs_text: torch.Tensor) -> Outputs:
-    """``--tune auto``: candidates of the search space, each a full prompt-tuning run on the few-shot
-    split (trained :data:`TUNE_BATCH` at a time in lockstep), scored on the tuning split only; the
-    run is the chosen candidate. Every candidate and the choice go to ``tuning.json``."""
+def _learner(config: PromptRunConfig, backbone: Any, train: Any) -> PromptLearner:
+    """The run's prompt learner at its initial context."""
+    return PromptLearner(backbone, train.classnames, n_ctx=config.n_ctx, init=config.init, position=config.position,
+                         class_specific=config.class_specific, seed=config.seed)
+
+
+def _save_prompt(directory: RunDirectory, learner: PromptLearner) -> None:
+    with atomic_path(directory.path("prompt.safetensors")) as tmp:
+        save_file({"ctx": learner.ctx.detach().cpu().contiguous()}, str(tmp))
+
+
+def _tune(config: PromptRunConfig, directory: RunDirectory, backbone: Any, store: FeatureStore, train: Any,
+          labelled: dict[str, tuple[Any, Any]], shots: Any, features: torch.Tensor, labels: torch.Tensor,
+          zs_text: torch.Tensor, tables: set[str]) -> tuple[Objective, dict[str, Any], dict[str, Any] | None]:
+    """``--tune auto``: search the objective's placeholders (:func:`calibprompt.runs.tuning.run_search`).
+
+    Each candidate is a complete prompt-tuning run with the run's protocol, trained
+    :data:`~calibprompt.runs.tuning.TUNE_BATCH` at a time in lockstep. On the tuning split (the
+    default) it trains on the few-shot split and is scored on the tuning split; the run is then the
+    chosen candidate (returned as its checkpoint). With ``tune_folds`` K, the few-shot and tuning
+    images are cut into K class-stratified folds (:func:`calibprompt.data.cv_folds`), the candidate
+    is trained K times on all folds but one (their augmented views) and scored on the out-of-fold
+    predictions of all K (original views); the chosen objective is then trained on the few-shot
+    split by the caller (chosen checkpoint ``None``). Returns the chosen objective, the ``tuning``
+    entry of ``metrics.json`` and the chosen checkpoint; writes ``tuning.json``."""
     template, space = config.objective_template()
     tuning_set, tuning_feats = labelled["val"]
     tuning_labels = tuning_set.labels[tuning_feats.index]
-    trained: list[tuple[torch.Tensor, list[dict[str, Any]]]] = []  # each candidate's context and epoch log
     scale = backbone.logit_scale
+    folds = config.tune_folds
+    if folds is None:
+        score_feats, score_labels = tuning_feats.features, tuning_labels
+        splits = [(features, labels, np.arange(len(score_labels)))]  # (train views, their labels, scored rows)
+        scored_on = {"split": "tuning", "tuning_images": len(tuning_labels)}
+    else:
+        kw = {"num_workers": config.workers, "progress": config.progress}
+        shot_set = shots.subset_of(train)
+        shot_feats = store.features(backbone, shot_set.paths, **kw)
+        tuning_bank = store.views(backbone, tuning_set.paths, config.views, kind="train", aug_seed=config.seed, **kw)
+        tables |= {*shot_feats.tables, *tuning_bank.tables}
+        if len(shot_feats.index) != len(labels) or len(tuning_bank.index) != len(tuning_labels):
+            raise DataError("--tune-folds: an image of the few-shot or tuning split has no view features; "
+                            "cross-validation needs every image in both transforms")
+        pool_views = torch.cat([features, tuning_bank.features.to(features.dtype)])
+        pool_labels = torch.cat([labels, torch.as_tensor(tuning_set.labels[tuning_bank.index])])
+        score_feats = torch.cat([shot_feats.features, tuning_feats.features.to(shot_feats.features.dtype)])
+        score_labels = pool_labels.numpy()
+        fold = cv_folds(score_labels, folds, config.seed)
+        if np.bincount(fold, minlength=folds).min() == 0 or any(
+                np.unique(score_labels[fold != k]).size < len(train.classnames) for k in range(folds)):
+            raise DataError(f"--tune-folds {folds}: the few-shot and tuning splits hold too few images per class for "
+                            f"{folds} folds (every class needs an image outside each fold); use fewer folds")
+        splits = [(pool_views[fold != k], pool_labels[fold != k], np.flatnonzero(fold == k)) for k in range(folds)]
+        scored_on = {"split": "cross-validation", "folds": folds, "images": len(score_labels),
+                     "few_shot_images": len(labels), "tuning_images": len(tuning_labels)}
+    capacity = None
 
-    def evaluate_batch(proposals: list[dict[str, float]]) -> list[dict[str, float]]:
+    def evaluate_batch(proposals: list[dict[str, float]]) -> list[tuple[dict[str, float], dict[str, Any], Any]]:
+        nonlocal capacity
         jobs, logs = [], []
         for values in proposals:
-            learner = PromptLearner(backbone, train.classnames, n_ctx=config.n_ctx, init=config.init,
-                                    position=config.position, class_specific=config.class_specific, seed=config.seed)
-            log: list[dict[str, Any]] = []
-            logs.append(log)
-            jobs.append(coop.PromptJob(learner, features, labels, Objective.parse(bind(template, values)),
-                                       config.train_config(), zs_text,
-                                       on_epoch=lambda entry, *_, log=log: log.append(asdict(entry))))
-        coop.train_prompts(jobs)
-        scores = []
-        for job, log in zip(jobs, logs, strict=True):
-            with torch.no_grad():
-                text = job.learner()
-            logits = zeroshot_logits(tuning_feats.features, text, scale).double().cpu().numpy()
-            measured = evaluate(softmax(logits, axis=1), tuning_labels, n_bins=config.n_bins)
-            scores.append({k: float(measured[k]) for k in ("nll", "brier", "ece", "accuracy")})
-            trained.append((job.learner.ctx.detach().clone(), log))
-        bar.update(task, advance=len(proposals))
-        return scores
+            for views, view_labels, _ in splits:
+                log: list[dict[str, Any]] = []
+                logs.append(log)
+                jobs.append(coop.PromptJob(_learner(config, backbone, train), views, view_labels,
+                                           Objective.parse(bind(template, values)), config.train_config(), zs_text,
+                                           on_epoch=lambda entry, *_, log=log: log.append(asdict(entry))))
+        if capacity is None:
+            capacity = 1 if len(jobs) == 1 else coop.lockstep_capacity(jobs[0].learner)
+        for start in range(0, len(jobs), capacity):
+            coop.train_prompts(jobs[start:start + capacity])
+        out = []
+        for c in range(len(proposals)):
+            logits = np.zeros((len(score_labels), len(train.classnames)))
+            for k, (_, _, rows) in enumerate(splits):
+                with torch.no_grad():
+                    text = jobs[c * len(splits) + k].learner()
+                logits[rows] = zeroshot_logits(score_feats[rows], text, scale).double().cpu().numpy()
+            scores = tuning_scores(logits, score_labels, config.n_bins)
+            if folds is None:  # the candidate is the run if chosen: keep its context and epoch log
+                out.append((scores, {"ctx": jobs[c].learner.ctx}, logs[c]))
+            else:
+                out.append((scores, {"logits": torch.from_numpy(logits)}, None))
+        return out
 
-    with rate_progress(config.progress, unit="candidates") as bar:
-        task = bar.add_task(f"tuning {config.method}", total=config.trials, rate="-")
-        result = search(space, evaluate_batch, trials=config.trials, metric=config.tune_metric, seed=config.seed,
-                        batch=TUNE_BATCH)
-    ctx, logs = trained[result.chosen["index"]]
-    learner = PromptLearner(backbone, train.classnames, n_ctx=config.n_ctx, init=config.init,
-                            position=config.position, class_specific=config.class_specific, seed=config.seed)
-    with torch.no_grad():
-        learner.ctx.copy_(ctx)
-        text = learner()
-    with atomic_path(directory.path("prompt.safetensors")) as tmp:
-        save_file({"ctx": learner.ctx.detach().cpu().contiguous()}, str(tmp))
-    write_json(directory.path("log.json"), logs)
+    result, chosen = run_search(directory, space, evaluate_batch, trials=config.trials, metric=config.tune_metric,
+                                seed=config.seed, label=f"tuning {config.method}", progress=config.progress)
     chosen_objective = bind(template, result.chosen["values"])
-    write_json(directory.path("tuning.json"), {
-        "split": "tuning", "tuning_images": len(tuning_labels), "objective": template,
-        "space": [d.to_dict() for d in space.values()], "trials": config.trials, "batch": TUNE_BATCH,
-        "seed": config.seed, "chosen_objective": chosen_objective, **result.to_dict()})
-    extra = {"tuning": {"chosen": result.chosen["values"], "objective": chosen_objective, "metric": result.metric,
-                        "score": result.chosen["scores"][result.metric], "candidates": len(result.candidates),
-                        "sampler": result.sampler}}
-    return classifier_outputs(directory, text, scale, test, test_feats, labelled, tables, manifests, logs, extra)
+    extra = {"tuning": write_tuning(directory, result, space, objective=template, chosen_objective=chosen_objective,
+                                    trials=config.trials, seed=config.seed, scored_on=scored_on)}
+    return Objective.parse(chosen_objective), extra, (chosen if folds is None else None)

@@ -29,11 +29,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calibprompt import losses
-from calibprompt.data import DataError, FeatureStore, calibration_split, validation_split
+from calibprompt.data import (
+    DataError,
+    FeatureStore,
+    calibration_split,
+    default_per_class,
+    validation_split,
+)
 from calibprompt.files import atomic_path, slug, write_json
 from calibprompt.methods import (
     tpt as tpt_method,  # tpt_method.tpt_adapt: one name for tests to patch
 )
+from calibprompt.methods.selection import Dimension, parse_space
 from calibprompt.methods.tpt import TPTConfig
 from calibprompt.metrics import METRICS_VERSION
 from calibprompt.metrics._validation import MAX_BINS
@@ -52,8 +59,19 @@ from calibprompt.runs.common import (
 )
 from calibprompt.runs.directory import RunDirectory, write_npz
 from calibprompt.runs.identity import RunIdentity, run_name
+from calibprompt.runs.tuning import (
+    check_tuning_options,
+    identity_fields,
+    run_search,
+    search_option,
+    trials_option,
+    tune_metric_option,
+    tune_option,
+    tuning_scores,
+    write_tuning,
+)
 
-__all__ = ["METHOD_DEFAULTS", "PROTOCOLS", "PROTOCOL_VERSION", "TPTRunConfig"]
+__all__ = ["METHOD_DEFAULTS", "PROTOCOLS", "PROTOCOL_VERSION", "TPT_SEARCH", "TPTRunConfig"]
 
 #: Bumped when the test-time procedure changes its results (2: ``limit`` draws a class-stratified
 #: subset instead of the first files of the sorted listing; 3: with several steps the confident
@@ -69,6 +87,15 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "otpt": {"lam": 18.0},
     "otpt_fro": {"lam": 18.0},
     "soc": {"lam": 50.0, "delta": losses.SOC_DELTA},
+}
+
+#: ``--tune auto``: the ranges searched per method (our choice, covering every published value:
+#: C-TPT's lambda 50 fine-grained / 20 natural shift, O-TPT's 18; SoC's lambda and delta have none).
+TPT_SEARCH: dict[str, tuple[str, ...]] = {
+    "ctpt": ("lam=1:100:log",),
+    "otpt": ("lam=1:100:log",),
+    "otpt_fro": ("lam=1:100:log",),
+    "soc": ("lam=1:100:log", "delta=0.05:1:log"),
 }
 
 #: Protocols: ``published`` is the TPT papers' protocol on fine-grained datasets (AugMix views);
@@ -134,11 +161,16 @@ class TPTRunConfig(RunConfigBase):
                                                     "disjoint from the tuning split (temperature scaling is fitted "
                                                     "there)", metavar="N", default_text="none")
     batch_size: int = option(16, help="images adapted at once")
+    tune: str | None = tune_option("the regulariser weight (and SoC's delta): every candidate adapts the tuning "
+                                   "split (--val-per-class, default max(4, 64 / classes)), scored there")
+    search: tuple[str, ...] | None = search_option("lam=1:100:log (SoC also delta=0.05:1:log)")
+    trials: int = trials_option()
+    tune_metric: str = tune_metric_option()
 
     @property
     def needs_train(self) -> bool:
-        """Only a run with a tuning or calibration split reads the train split."""
-        return bool(self.val_per_class or self.calib_per_class)
+        """Only a run with a tuning or calibration split (or a search) reads the train split."""
+        return bool(self.val_per_class or self.calib_per_class or self.tune)
 
     def resolved(self) -> TPTRunConfig:
         """Every ``None`` filled from the protocol and the method; validated."""
@@ -153,6 +185,13 @@ class TPTRunConfig(RunConfigBase):
             raise ValueError(f"lam: {self.method} has no regulariser; --lam applies to ctpt, otpt, otpt_fro, soc")
         if self.method != "soc" and self.delta is not None:
             raise ValueError(f"delta: only SoC has a Huber threshold, not {self.method}")
+        if self.tune is not None:
+            check_tuning_options(self)
+            if self.lam is not None or self.delta is not None:
+                raise ValueError("--lam/--delta fix what --tune auto would choose; give one or the other")
+            self.search_space()
+        elif self.search is not None:
+            raise ValueError("--search applies to --tune auto")
         defaults = {**PROTOCOLS[self.protocol], "lam": 0.0, "delta": losses.SOC_DELTA,
                     **METHOD_DEFAULTS[self.method]}
         if self.method == "zeroshot":
@@ -178,6 +217,23 @@ class TPTRunConfig(RunConfigBase):
         out.tpt_config()  # validates the algorithm's own fields
         return out
 
+    def search_space(self) -> dict[str, Dimension]:
+        """``--tune auto``: the method's ranges (:data:`TPT_SEARCH`), replaced by ``--search``."""
+        if self.method not in TPT_SEARCH:
+            raise ValueError(f"--tune auto: {self.method} has no regulariser weight to tune (tuned: "
+                             f"{', '.join(TPT_SEARCH)})")
+        space = parse_space(TPT_SEARCH[self.method])
+        given = parse_space(self.search or ())
+        unknown = sorted(set(given) - set(space))
+        if unknown:
+            raise ValueError(f"--search: {self.method} tunes {' and '.join(space)}, not {', '.join(unknown)}")
+        space.update(given)
+        for d in space.values():
+            smallest = min(d.choices) if d.choices is not None else d.low
+            if smallest < 0 or (d.name == "delta" and smallest <= 0):
+                raise ValueError(f"--search {d}: {d.name} must be {'positive' if d.name == 'delta' else '>= 0'}")
+        return space
+
     def tpt_config(self) -> TPTConfig:
         return TPTConfig(method="tpt" if self.method == "zeroshot" else self.method, lam=self.lam,
                          delta=self.delta, selection=self.selection, steps=self.steps, lr=self.lr,
@@ -187,8 +243,15 @@ class TPTRunConfig(RunConfigBase):
         """The resolved fields that determine the result (call on :meth:`resolved`); ``n_bins``
         measures the result and is not part of it."""
         skip = (*NON_EFFECTIVE, *(ADAPTATION_FIELDS if self.method == "zeroshot" else ()),
-                *(() if self.needs_train else ("calib_per_class",)))  # runs without labelled splits: as before
-        return {**{k: v for k, v in asdict(self).items() if k not in skip}, **self.data_effective()}
+                *(() if self.needs_train else ("calib_per_class",)),  # runs without labelled splits: as before
+                "tune", "search", "trials", "tune_metric")
+        out = {**{k: v for k, v in asdict(self).items() if k not in skip}, **self.data_effective()}
+        if self.tune:  # the search determines lam (and delta), not the fields
+            space = self.search_space()
+            out = {k: v for k, v in out.items() if k not in space}
+            out.update(tune_objective=_tuned_name(self.method, space), **identity_fields(space, self.trials,
+                                                                                          self.tune_metric))
+        return out
 
     # -- the run -----------------------------------------------------------------------------
     def plan(self) -> Plan:
@@ -196,6 +259,8 @@ class TPTRunConfig(RunConfigBase):
         config = self.resolved()
         kind = device_kind(config.device)
         train, test = config.load_splits()
+        if config.tune and config.val_per_class is None:
+            config = replace(config, val_per_class=default_per_class(train.num_classes))
         wanted = (config.val_per_class or 0) + (config.calib_per_class or 0)
         if train is not None and wanted > train.class_counts().min():
             asked = " + ".join(f"{flag} {value}" for flag, value in (("--val-per-class", config.val_per_class),
@@ -214,14 +279,17 @@ class TPTRunConfig(RunConfigBase):
             backbone=backbone.fingerprint, protocol_version=PROTOCOL_VERSION,
             metrics_version=METRICS_VERSION, precision=config.precision, device_kind=kind)
         base = TPTRunConfig(config.backbone, config.dataset, config.root, method=config.method,
-                            protocol=config.protocol).resolved()
+                            protocol=config.protocol, tune=config.tune, search=config.search).resolved()
         defaults = {"calib_per_class": None, **base.effective(), "init_prompt_digest": None}  # named when set
         name = run_name([f"seed{config.seed}"], effective, defaults, identity.run_id,
                         skip=("method", "backbone", "dataset", "seed", "init_prompt_digest"))
         if prompt_digest is not None:
             name = f"coop{prompt_digest[:6]}-{name}"
         path = Path(slug(config.dataset)) / slug(config.backbone) / f"tpt-{config.method}" / name
-        record = {"tpt": config.tpt_config().to_dict(), "protocol": config.protocol,
+        tpt_record = config.tpt_config().to_dict()
+        if config.tune:  # chosen by the search (tuning.json), not the defaults tpt_config() holds
+            tpt_record.update(dict.fromkeys(config.search_space(), "tuned"))
+        record = {"tpt": tpt_record, "protocol": config.protocol,
                   "init_prompt_digest": prompt_digest, **test_split_record(config, train, test)}
 
         def work(directory: RunDirectory) -> Outputs:
@@ -236,6 +304,8 @@ class TPTRunConfig(RunConfigBase):
         """Adapt the run's initial prompt (``prompt.safetensors``) to each new image with the run's
         method and settings, and classify it. Returns (logits, index, excluded)."""
         config = self.resolved()
+        if config.tune:  # the search's choice, not the method's defaults
+            config = replace(config, **json.loads((Path(directory) / "tuning.json").read_text())["chosen"]["values"])
         learner = _learner_from_file(backbone, Path(directory) / "prompt.safetensors",
                                      json.loads((Path(directory) / "config.json").read_text())["classnames"])
         views = store.views(backbone, paths, _views(config), kind="test_time", augmix=config.augmix,
@@ -381,7 +451,7 @@ def _work(config: TPTRunConfig, directory: RunDirectory, backbone: Any, store: F
     tables: set[str] = set()
     val_out: dict[str, Any] = {}
     excluded_train: list[list[str]] = []
-    tuning = None
+    tuning, tuned = None, {}
     for prefix, per_class in (("val", config.val_per_class), ("calib", config.calib_per_class)):
         if not per_class:
             continue
@@ -396,7 +466,14 @@ def _work(config: TPTRunConfig, directory: RunDirectory, backbone: Any, store: F
                                              manifest_path=directory.path("splits/calibration.json"))
         subset = manifest.subset_of(train)
         excluded_train += [[e["file"], e["reason"]] for e in manifest.excluded]
-        logits, split_views, _, _ = run_split(prefix, subset)
+        if prefix == "val" and config.tune:  # the choice is made here, before the other splits are adapted
+            split_views = store.views(backbone, subset.paths, _views(config), kind="test_time", **kw)
+            config.check_readable(split_views.excluded, f"the tuning split ({subset.root})")
+            tables.update(split_views.tables)
+            config, logits, tuned = _tune(config, directory, learner, split_views.features,
+                                          subset.labels[split_views.index])
+        else:
+            logits, split_views, _, _ = run_split(prefix, subset)
         val_out.update({f"{prefix}_logits": logits, f"{prefix}_labels": subset.labels[split_views.index],
                         f"{prefix}_files": [subset.files[i] for i in split_views.index]})
     if config.limit:
@@ -406,6 +483,38 @@ def _work(config: TPTRunConfig, directory: RunDirectory, backbone: Any, store: F
     return Outputs(
         test_logits=test_logits, test_labels=test.labels[views.index],
         test_files=[test.files[i] for i in views.index], excluded=list(views.excluded), **val_out,
-        extra={"adapted_images": adapted,
+        extra={**tuned, "adapted_images": adapted,
                "images_per_second": adapted / seconds if adapted and seconds > 0 else None,
                "test_images": len(views.index), "excluded_train_images": excluded_train})
+
+
+def _tuned_name(method: str, space: dict[str, Dimension]) -> str:
+    """How ``tuning.json`` names the tuned method: ``ctpt(lam=?lam)``."""
+    return f"{method}(" + ", ".join(f"{n}=?{n}" for n in space) + ")"
+
+
+def _tune(config: TPTRunConfig, directory: RunDirectory, learner: Any, features: torch.Tensor,
+          labels: np.ndarray) -> tuple[TPTRunConfig, np.ndarray, dict[str, Any]]:
+    """``--tune auto``: every candidate (lam, and SoC's delta) adapts each image of the tuning split
+    on its cached views -- the run's procedure, per image from the initial prompt -- and is scored
+    on those images' predictions (:func:`calibprompt.runs.tuning.run_search`). Returns the config
+    with the chosen values, the chosen candidate's tuning-split logits and the ``tuning`` entry of
+    ``metrics.json``; writes ``tuning.json``."""
+    space = config.search_space()
+
+    def evaluate_batch(proposals: list[dict[str, float]]) -> list[tuple[dict[str, float], dict[str, Any], Any]]:
+        out = []
+        for values in proposals:
+            logits = _adapt(learner, features, replace(config, **values), False, "tuning")
+            out.append((tuning_scores(logits, labels, config.n_bins), {"logits": torch.from_numpy(logits)}, None))
+        return out
+
+    result, chosen = run_search(directory, space, evaluate_batch, trials=config.trials, metric=config.tune_metric,
+                                seed=config.seed, label=f"tuning {config.method}", progress=config.progress)
+    values = result.chosen["values"]
+    template = _tuned_name(config.method, space)
+    chosen_name = f"{config.method}(" + ", ".join(f"{n}={v!r}" for n, v in values.items()) + ")"
+    entry = write_tuning(directory, result, space, objective=template, chosen_objective=chosen_name,
+                         trials=config.trials, seed=config.seed,
+                         scored_on={"split": "tuning", "tuning_images": len(labels)})
+    return replace(config, **values), chosen["tensors"]["logits"].numpy(), {"tuning": entry}
