@@ -191,3 +191,33 @@ def test_tpt_search_chooses_on_the_tuning_split_and_runs_with_the_choice(roots, 
     new_a = load_run(a).predict(files, cache=tmp_path / "cache", progress=False, workers=0)
     new_b = load_run(plain).predict(files, cache=tmp_path / "cache", progress=False, workers=0)
     assert np.abs(new_a.logits - new_b.logits).max() < 1e-9
+
+
+def test_report_shows_each_seeds_choice_beside_the_papers_value(roots, tmp_path, monkeypatch):
+    from calibprompt.objective import CALIBPROMPT_HYPERPARAMETERS
+    from calibprompt.runs import write_report
+    from calibprompt.runs.report.published import paper_hyperparameters
+
+    assert paper_hyperparameters("quiltnet", "kather", "calibprompt") == {"alpha": 0.01, "weight": 1.0}
+    assert paper_hyperparameters("quiltnet", "kather", "ce") == {} == paper_hyperparameters("demo", "x", "calibprompt")
+    data, _ = roots
+    chosen = {}
+    for seed in ("1", "2"):
+        argv = ["train", "--backbone", "demo", "--dataset", "imagefolder", "--root", str(data), "--cache",
+                str(tmp_path / "cache"), "--workers", "0", "--quiet", "--shots", "2", "--epochs", "1", "--views", "2",
+                "--val-per-class", "3", "--method", "calibprompt", "--tune", "auto", "--search", "alpha=0.02,0.2",
+                "--search", "weight=0.1,3", "--seed", seed, "--out", str(tmp_path / "runs")]
+        assert main(argv) == 0
+        (run,) = [p.parent for p in (tmp_path / "runs").rglob("tuning.json") if f"seed{seed}" in p.parent.name]
+        chosen[int(seed)] = json.loads((run / "tuning.json").read_text())["chosen"]["values"]
+    monkeypatch.setitem(CALIBPROMPT_HYPERPARAMETERS, ("demo", "imagefolder"), (0.05, 0.5))
+    written = write_report(tmp_path / "runs", n_resamples=10)
+    text = written["markdown"].read_text()
+    section = text[text.index("## Hyperparameters chosen"):]
+    row = next(line for line in section.splitlines() if "| alpha |" in line)
+    assert f"| {chosen[1]['alpha']:.4g}, {chosen[2]['alpha']:.4g} | 1, 2 | tuning split (nll) | 0.05 |" in row
+    lines = written["tuning_csv"].read_text().splitlines()
+    assert lines[0] == "backbone,dataset,method,hyperparameter,seed,chosen,scored_on,metric,paper,paper_source"
+    weights = [line.split(",") for line in lines[1:] if ",weight," in line]
+    assert [(int(w[4]), float(w[5]), float(w[8])) for w in weights] == [(1, chosen[1]["weight"], 0.5),
+                                                                       (2, chosen[2]["weight"], 0.5)]

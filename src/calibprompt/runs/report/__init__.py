@@ -53,7 +53,7 @@ from calibprompt.runs.report.constants import (
     METRICS,
     VARIANTS,
 )
-from calibprompt.runs.report.published import published_lines
+from calibprompt.runs.report.published import published_lines, tuning_lines
 from calibprompt.runs.report.render import (
     _csv_main,
     _csv_per_class,
@@ -61,6 +61,7 @@ from calibprompt.runs.report.render import (
     _markdown,
     _published_csv,
     _published_markdown,
+    _tuning_csv,
 )
 from calibprompt.runs.report.rows import Row
 from calibprompt.runs.report.stats import (
@@ -129,6 +130,9 @@ def build_report(root: str | os.PathLike[str], out: str | os.PathLike[str] | Non
         "per_class_csv": write_text(target / "report_per_class.csv", _csv_per_class(summary, n_bins)),
         "latex": write_text(target / "report.tex", _latex(summary, n_resamples, n_bins, baseline)),
     }
+    tuned = tuning_lines(summary.rows, summary.groups)
+    if tuned:
+        written["tuning_csv"] = write_text(target / "report_tuning.csv", _tuning_csv(tuned))
     if beside is not None:
         written["published_csv"] = write_text(target / "report_published.csv", _published_csv(beside))
     for row, group in zip(summary.rows, summary.groups, strict=True):
@@ -174,5 +178,10 @@ def write_report(root: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     defaults at the published shots) get the published value beside the measured seed mean, in a
     section of ``report.md`` and in ``report_published.csv`` (``"published_csv"``), each with its
     source; rows without a counterpart are listed as such.
+
+    Rows of runs made with ``--tune auto`` get a section of ``report.md`` with the values each seed
+    chose (and what they were scored on), beside the paper's value for that backbone x dataset
+    where one exists, and ``report_tuning.csv`` (``"tuning_csv"``: one line per run and
+    hyperparameter).
     """
     return build_report(root, out, n_resamples, n_bins, baseline, seed, runs=runs, published=published)[1]

@@ -136,6 +136,7 @@ class _Run:
     temperature: float | None
     held_out: dict[str, Any] | None = None  # config.json's test_split: a test set held out of the data
     certification: dict[str, Any] | None = None  # metrics.json's certification (certify runs)
+    tuning: dict[str, Any] | None = None  # metrics.json's tuning (runs made with --tune auto)
     _probs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def variants(self) -> list[str]:
@@ -213,7 +214,8 @@ def _load_run(directory: Path) -> _Run:
                 data_root=str(root) if root is not None else None, logits=logits,
                 labels=labels.astype(np.int64), files=files.astype(str), temperature=temperature,
                 held_out=record["test_split"] if isinstance(record.get("test_split"), dict) else None,
-                certification=metrics.get("certification") if isinstance(metrics, dict) else None)
+                certification=metrics.get("certification") if isinstance(metrics, dict) else None,
+                tuning=metrics.get("tuning") if isinstance(metrics, dict) else None)
 
 
 def _flatten(identity: Mapping[str, Any]) -> dict[str, Any]:

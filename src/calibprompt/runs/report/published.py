@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from calibprompt.objective import CALIBPROMPT_HYPERPARAMETERS
 from calibprompt.runs.prompt import PromptRunConfig
 
-__all__ = ["PUBLISHED", "Published", "published_for", "published_lines"]
+__all__ = ["PUBLISHED", "Published", "paper_hyperparameters", "published_for", "published_lines", "tuning_lines"]
 
 CALIBPROMPT_PAPER = ("Basu et al., Calibration-Aware Prompt Learning for Medical Vision-Language Models, "
                      "BMVC 2025 (arXiv 2509.15226), main results, 8 shots")
@@ -89,4 +90,42 @@ def published_lines(rows: list[Any], groups: list[Any]) -> list[dict[str, Any]]:
             out.append({"backbone": row.backbone, "dataset": row.dataset, "method": row.method, "metric": p.metric,
                         "measured_mean": 100 * stat["mean"], "measured_std": 100 * stat["std"],
                         "seeds": len(row.seeds), "published": p.value, "source": p.source})
+    return out
+
+
+#: Where the paper's hyperparameters come from, and how they were chosen.
+CALIBPROMPT_HYPERPARAMETERS_SOURCE = "CalibPrompt paper (BMVC 2025), chosen against test results"
+
+
+def paper_hyperparameters(backbone: str, dataset: str, method: str) -> dict[str, float]:
+    """The hyperparameters a paper published for this backbone x dataset, by the names ``--tune
+    auto`` gives them: CalibPrompt's alpha (LS = SMAC) and AS weight for its ten pairs. None for
+    other methods: the TPT family's lambdas were published for CLIP on natural images only."""
+    if method != "calibprompt" or (backbone, dataset) not in CALIBPROMPT_HYPERPARAMETERS:
+        return {}
+    alpha, weight = CALIBPROMPT_HYPERPARAMETERS[(backbone, dataset)]
+    return {"alpha": alpha, "weight": weight}
+
+
+def tuning_lines(rows: list[Any], groups: list[Any]) -> list[dict[str, Any]]:
+    """For every report row whose runs chose hyperparameters (``--tune auto``): one line per
+    hyperparameter with the value chosen for each seed, what the choice was scored on and by which
+    metric, and the paper's value for this backbone x dataset where one exists
+    (:func:`paper_hyperparameters`; None elsewhere)."""
+    out = []
+    for row, group in zip(rows, groups, strict=True):
+        tuned = [(r.seed, r.tuning) for r in group.runs if r.tuning]
+        if not tuned:
+            continue
+        first = tuned[0][1]
+        method = row.method[len("tpt-"):] if row.kind == "tpt" and row.method.startswith("tpt-") else row.method
+        paper = paper_hyperparameters(row.backbone, row.dataset, method)
+        where = (f"{first['folds']}-fold cross-validation" if first.get("split") == "cross-validation"
+                 else "tuning split")
+        for name in first["chosen"]:
+            out.append({"backbone": row.backbone, "dataset": row.dataset, "method": row.method, "slug": row.slug,
+                        "hyperparameter": name, "seeds": [s for s, _ in tuned],
+                        "chosen": [t["chosen"].get(name) for _, t in tuned], "scored_on": where,
+                        "metric": first["metric"], "paper": paper.get(name),
+                        "paper_source": CALIBPROMPT_HYPERPARAMETERS_SOURCE if name in paper else ""})
     return out

@@ -23,6 +23,7 @@ from calibprompt.runs.report.constants import (
     PERCENT,
     VARIANT_LABELS,
 )
+from calibprompt.runs.report.published import tuning_lines
 from calibprompt.runs.report.rows import Row
 from calibprompt.runs.report.summary import _Summary
 
@@ -252,6 +253,7 @@ def _markdown(s: _Summary, n_resamples: int, n_bins: int, baseline: str | None, 
           _class_cell(c["recall"], len(r.seeds)), _class_cell(c["classwise_ece"], len(r.seeds))]
          for r in s.rows for v in r.variants for c in r.per_class[v]))
     lines += _certification_lines(s)
+    lines += _tuning_markdown(tuning_lines(s.rows, s.groups))
     binary = [(r, r.two_class) for r in s.rows if r.two_class]
     if binary:
         lines += ["", "### Two-class tasks: sensitivity and specificity", "",
@@ -471,3 +473,32 @@ def _certification_lines(s: _Summary) -> list[str]:
              "in `certification.csv`.", ""]
     lines += _md_table(header, ([*r[:6], *(f"{v:.1f}" for v in r[6:])] for r in rows))
     return lines
+
+
+def _tuning_markdown(lines: list[dict[str, Any]]) -> list[str]:
+    """The section of report.md with the hyperparameters that ``--tune auto`` chose."""
+    if not lines:
+        return []
+    out = ["", "## Hyperparameters chosen without the test set (--tune auto)", "",
+           "Each seed's run chose its own values on labelled train-pool images (the tuning split, or "
+           "cross-validation over the few-shot and tuning images); every candidate is in the run's `tuning.json`. "
+           "Paper: the value published for this backbone and dataset, where there is one -- chosen there against "
+           "test results, so not a value a new dataset could have.", ""]
+    table = [(r["backbone"], r["dataset"], r["method"], r["hyperparameter"],
+              ", ".join(f"{v:.4g}" for v in r["chosen"]), ", ".join(map(str, r["seeds"])),
+              f"{r['scored_on']} ({r['metric']})", "—" if r["paper"] is None else f"{r['paper']:g}") for r in lines]
+    out += _md_table(["backbone", "dataset", "method", "hyperparameter", "chosen", "seeds", "chosen on", "paper"],
+                     table)
+    return out
+
+
+_TUNING_COLUMNS = ["backbone", "dataset", "method", "hyperparameter", "seed", "chosen", "scored_on", "metric", "paper",
+                   "paper_source"]
+
+
+def _tuning_csv(lines: list[dict[str, Any]]) -> str:
+    """One line per tuned run and hyperparameter (``report_tuning.csv``)."""
+    return _csv(_TUNING_COLUMNS, ([r["backbone"], r["dataset"], r["method"], r["hyperparameter"], seed, value,
+                                   r["scored_on"], r["metric"], "" if r["paper"] is None else r["paper"],
+                                   r["paper_source"]]
+                                  for r in lines for seed, value in zip(r["seeds"], r["chosen"], strict=True)))
