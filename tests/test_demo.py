@@ -61,7 +61,7 @@ def test_demo_tokenizer():
 
 def test_pipeline_end_to_end(tmp_path):
     report = run_demo(tmp_path, seeds=(1, 2), epochs=3, progress=False, n_resamples=50)
-    assert [r.method for r in report.rows] == ["zeroshot", "ce", "calibprompt"]
+    assert [r.method for r in report.rows] == ["zeroshot", "ce", "calibprompt", "calibprompt (tuned)"]
     for row in report.rows:
         assert row.seeds == [1, 2] and len(row.directories) == 2  # one run directory per seed
         for d in row.directories:  # ordinary run directories of the one run machinery
@@ -77,7 +77,11 @@ def test_pipeline_end_to_end(tmp_path):
     assert report.rows[1].stats["uncalibrated.accuracy"]["mean"] == pytest.approx(np.mean(accs))
     for name in ("report.md", "report.csv", "report.tex"):
         assert (tmp_path / name).is_file()
-    assert len(list(tmp_path.glob("reliability_*.png"))) == 3
+    assert len(list(tmp_path.glob("reliability_*.png"))) == 4
+    for d in report.rows[3].directories:  # the tuned CalibPrompt: its own choice per seed, on the tuning split
+        tuning = json.loads((d / "tuning.json").read_text())
+        assert len(tuning["candidates"]) == 16 and set(tuning["chosen"]["values"]) == {"alpha", "weight"}
+    assert "## Hyperparameters chosen without the test set" in (tmp_path / "report.md").read_text()
     # the small certification: both PromptSmooth variants, numbers consistent with their own table
     assert set(report.certification) == {"entropy", "entropy+as"}
     for cert in report.certification.values():

@@ -13,6 +13,7 @@ from calibprompt.cli.common import out_dir
 from calibprompt.cli.options import default_of, help_with_default
 from calibprompt.demo.calibration import run_calibration_demo
 from calibprompt.demo.pipeline import CERTIFY_VARIANTS, FULL_METHODS, run_demo
+from calibprompt.runs.tuning import TUNED_SUFFIX
 
 #: Short names of the full fine-tuning rows (the table stays within 80 columns).
 FINETUNE_NAMES = {"ce": "CE", "calibprompt": "CalibPrompt"}
@@ -21,7 +22,7 @@ EXAMPLES = {
     "demo": """examples:
   calibprompt demo
   calibprompt demo --out demo_output --seeds 1 2 3
-  calibprompt demo --full           # + every preset, full fine-tuning and the TPT family (~7 min)
+  calibprompt demo --full           # + every preset, full fine-tuning, the TPT family, tuned rows (~5 min)
   calibprompt demo --simulated      # post-hoc calibrators on simulated logits""",
 }
 
@@ -64,9 +65,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      f"{100 * stats['mean_confidence']['mean']:.1f}",  # above acc % = overconfident
                      f"{100 * stats['ece']['mean']:.1f}±{100 * stats['ece']['std']:.1f}"]
             cells += [f"{stats[k]['mean']:.3f}" for k in ("brier", "nll")]
-            name = FULL_METHODS.get(row.method) or (
-                f"full-FT {FINETUNE_NAMES[row.method[5:]]}" if row.method.startswith("full-")
-                else row.method.replace("tpt-", "test-time "))
+            base = row.method.removesuffix(TUNED_SUFFIX)
+            name = FULL_METHODS.get(base) or (f"full-FT {FINETUNE_NAMES[base[5:]]}" if base.startswith("full-")
+                                              else base.replace("tpt-", "test-time "))
+            name += ", tuned" if base != row.method else ""
             table.add_row(name + suffix, *cells)
     console.print(table)
     for variant, cert in report.certification.items():
@@ -89,7 +91,8 @@ def register(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
                    help=help_with_default("prompt-tuning epochs", default_of(run_demo, "epochs")))
     p.add_argument("--full", action="store_true",
                    help="also every objective preset, full fine-tuning (CE, CalibPrompt) and the TPT family "
-                        "(zero-shot, TPT, C-TPT, O-TPT, SoC); about 7 minutes on 2 CPU cores")
+                        "(zero-shot, TPT, C-TPT, O-TPT, SoC; C-TPT and SoC also with --tune auto); about 5 minutes on 2 CPU "
+                        "cores")
     p.add_argument("--simulated", action="store_true",
                    help="instead: the calibrator demo on simulated overconfident logits")
     p.add_argument("--seed", type=int, default=default_of(run_calibration_demo, "seed"),

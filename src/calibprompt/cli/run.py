@@ -20,6 +20,8 @@ EXAMPLES = {
   calibprompt train --backbone plip --weights ~/models/plip --dataset pannuke --root ~/data \\
       --objective "ls(alpha=0.2) + smac(alpha=0.2) + 0.1*as"
   calibprompt train --backbone demo --dataset demo --root demo_output/data --method ce --epochs 10
+  calibprompt train --backbone quiltnet --dataset kather --root ~/data --method calibprompt --tune auto \\
+      --tune-folds 3                                   # alpha, w chosen by 3-fold cross-validation
 
 Methods (presets): ce, ls, focal, mdca, dca, mmce, mbls, logitnorm, zsnorm, penalty, smac,
 calibprompt (paper's alpha/weight per backbone+dataset; override with --alpha/--weight).
@@ -34,6 +36,7 @@ A finished run is skipped (--force redoes it); an interrupted one resumes.""",
       --method soc --lam 10 --delta 0.5 --seed 2
   calibprompt tpt --backbone quiltnet --dataset kather --root ~/data --method tpt \\
       --init-prompt runs/kather/quiltnet/ce/16shot-seed1-0123456789       # TPT + CoOp
+  calibprompt tpt --backbone quiltnet --dataset kather --root ~/data --method soc --tune auto  # lam, delta chosen
 
 Default protocol (the published TPT protocol, --protocol published): 64 views (original + 63
 RandomResizedCrop + flip + AugMix), 4 context vectors from "a photo of a", the 10% lowest-entropy
@@ -42,7 +45,8 @@ C-TPT 50, O-TPT 18, SoC 50 with Huber delta 0.3 (SoC publishes none; chosen on t
 train split). Every method run with the same --seed sees the same cached
 views; each method writes its own run directory, a finished one is skipped (--force), an
 interrupted one resumes. --calib-per-class N also adapts a calibration split of the train pool
-(temperature scaling is fitted there; calibrate needs it); --val-per-class N a tuning split.""",
+(temperature scaling is fitted there; calibrate needs it); --val-per-class N a tuning split,
+on which --tune auto chooses lam (and SoC's delta): every candidate adapts it, scored by NLL.""",
     "certify": """examples:
   calibprompt certify --backbone plip --dataset kather --root ~/data --sigma 0.1 0.25 0.5 1.0
   calibprompt certify --backbone plip --dataset kather --root ~/data --prompt runs/kather/plip/ce/8shot-seed1-0123456789

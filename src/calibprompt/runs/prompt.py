@@ -60,6 +60,7 @@ from calibprompt.runs.common import (
 from calibprompt.runs.directory import RunDirectory
 from calibprompt.runs.identity import RunIdentity, run_name
 from calibprompt.runs.tuning import (
+    TUNED_SUFFIX,
     check_tuning_options,
     identity_fields,
     run_search,
@@ -364,7 +365,9 @@ class PromptRunConfig(RunConfigBase):
         name = run_name(head, effective, defaults, identity.run_id,
                         skip=("method", "backbone", "dataset", "seed", "shots", "objective"))
         method = f"full-{self.method}" if self.full else self.method  # how reports name the row
-        path = Path(slug(self.dataset)) / slug(self.backbone) / slug(method, limit=40) / name
+        path = Path(slug(self.dataset)) / slug(self.backbone) / (slug(method, limit=40) + ("-tuned" if self.tune else ""))
+        path /= name
+        method += TUNED_SUFFIX if self.tune else ""
         record = {"objective": None if objective is None else objective.to_dict(),
                   "regime": "full" if self.full else "prompt", **test_split_record(self, train, test)}
 

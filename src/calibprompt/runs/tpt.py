@@ -60,6 +60,7 @@ from calibprompt.runs.common import (
 from calibprompt.runs.directory import RunDirectory, write_npz
 from calibprompt.runs.identity import RunIdentity, run_name
 from calibprompt.runs.tuning import (
+    TUNED_SUFFIX,
     check_tuning_options,
     identity_fields,
     run_search,
@@ -285,7 +286,9 @@ class TPTRunConfig(RunConfigBase):
                         skip=("method", "backbone", "dataset", "seed", "init_prompt_digest"))
         if prompt_digest is not None:
             name = f"coop{prompt_digest[:6]}-{name}"
-        path = Path(slug(config.dataset)) / slug(config.backbone) / f"tpt-{config.method}" / name
+        method = f"tpt-{config.method}" + (TUNED_SUFFIX if config.tune else "")  # how reports name the row
+        path = Path(slug(config.dataset)) / slug(config.backbone) / (f"tpt-{config.method}" + ("-tuned" if config.tune
+                                                                                              else "")) / name
         tpt_record = config.tpt_config().to_dict()
         if config.tune:  # chosen by the search (tuning.json), not the defaults tpt_config() holds
             tpt_record.update(dict.fromkeys(config.search_space(), "tuned"))
@@ -297,7 +300,7 @@ class TPTRunConfig(RunConfigBase):
 
         return Plan(identity, path, asdict(self), list(test.classnames), config.n_bins,
                     f"{config.backbone} / {config.dataset} / {config.method}, seed {config.seed}", work, record,
-                    method=f"tpt-{config.method}")
+                    method=method)
 
     def predict_logits(self, directory: Path, backbone: Any, paths: list[Path], store: FeatureStore,
                        *, workers: int | None = None, progress: bool = True):

@@ -38,6 +38,8 @@ TUNE_PROTOCOL_VERSION = 1
 #: Candidates proposed and trained (in lockstep) at once; fixed, so that a search is the same on
 #: every machine (the proposals of a batch depend on its size).
 TUNE_BATCH = 4
+#: How reports name the row of a tuned run: ``calibprompt (tuned)``, ``tpt-ctpt (tuned)``.
+TUNED_SUFFIX = " (tuned)"
 #: The default number of candidates.
 TRIALS = 16
 

@@ -118,8 +118,7 @@ def tuning_lines(rows: list[Any], groups: list[Any]) -> list[dict[str, Any]]:
         if not tuned:
             continue
         first = tuned[0][1]
-        method = row.method[len("tpt-"):] if row.kind == "tpt" and row.method.startswith("tpt-") else row.method
-        paper = paper_hyperparameters(row.backbone, row.dataset, method)
+        paper = paper_hyperparameters(row.backbone, row.dataset, str(group.first.flat.get("config.method")))
         where = (f"{first['folds']}-fold cross-validation" if first.get("split") == "cross-validation"
                  else "tuning split")
         for name in first["chosen"]:
