@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from calibprompt.methods.selection import Dimension, bind, parse_space, placeholders, search
+from calibprompt.methods.selection import Dimension, bind, choose, parse_space, placeholders, search
 from calibprompt.objective import Objective
 
 
@@ -82,3 +82,28 @@ def test_search_refuses_what_it_cannot_do():
         search({}, quadratic([]))
     with pytest.raises(ValueError, match="returned 1 scores for 2"):
         search(parse_space(["a=1:2"]), lambda p: [{"nll": 1.0}], trials=2, batch=2)
+
+
+def test_constrained_ece_is_the_lowest_ece_within_one_accuracy_point(monkeypatch):
+    """Hand-made candidates: the lowest ECE overall is 3 points less accurate than the best, so it
+    is not eligible; among those within 1 point the lowest ECE wins, the first on ties."""
+    import optuna
+
+    table = {1.0: (0.90, 0.08), 2.0: (0.895, 0.03), 3.0: (0.87, 0.01), 4.0: (0.905, 0.05), 5.0: (0.896, 0.03)}
+
+    def evaluate(proposals):
+        return [dict(zip(("accuracy", "ece"), table[float(round(p["a"]))], strict=True)) for p in proposals]
+
+    result = search(parse_space(["a=1,2,3,4,5"]), evaluate, trials=5, metric="constrained-ece", batch=2)
+    assert result.sampler == "grid" and result.chosen["values"] == {"a": 2.0}  # 0.895 >= 0.905 - 0.01; ECE 0.03
+    assert choose(result.candidates, "ece") == 2  # unconstrained: the inaccurate a=3
+    assert choose(result.candidates, "constrained-ece") == 1
+    # TPE is told ECE plus the accuracy shortfall beyond the tolerance (best accuracy of the batch)
+    told = []
+    real = optuna.study.Study.tell
+    monkeypatch.setattr(optuna.study.Study, "tell",
+                        lambda self, trial, value, *a, **k: (told.append(value), real(self, trial, value))[1])
+    result = search(parse_space(["a=1:5"]), evaluate, trials=4, metric="constrained-ece", batch=4, seed=0)
+    top = max(c["scores"]["accuracy"] for c in result.candidates)
+    assert told == pytest.approx([c["scores"]["ece"] + max(0.0, top - 0.01 - c["scores"]["accuracy"])
+                                  for c in result.candidates])

@@ -9,7 +9,8 @@ and a search space gives each a range -- ``a=0.01:0.3:log`` (log-uniform), ``w=0
 or a list of choices, ``w=0.1,1,10``. :func:`search` proposes candidates in batches (so that a
 batch can be trained in lockstep), has them scored by the caller on the tuning split, and returns
 every candidate with its scores and the choice: the candidate with the lowest value of the
-chosen proper scoring rule (NLL by default). The proposals come from Optuna's TPE sampler
+chosen proper scoring rule (NLL by default) -- or the lowest ECE among the candidates within one
+accuracy point of the most accurate (``constrained-ece``). The proposals come from Optuna's TPE sampler
 (seeded, so a search is deterministic for a seed) or, when every dimension is a list of choices
 that the trial budget covers, the full grid -- every combination once, no sampler needed.
 """
@@ -23,11 +24,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Dimension", "SearchResult", "bind", "parse_space", "placeholders", "search"]
+__all__ = ["ACCURACY_TOLERANCE", "SCORES", "Dimension", "SearchResult", "bind", "choose", "parse_space", "placeholders",
+           "search"]
 
 _PLACEHOLDER = re.compile(r"\?([A-Za-z_][A-Za-z0-9_]*)")
-#: The proper scoring rules (and ECE) a search may minimise.
-SCORES = ("nll", "brier", "ece")
+#: What a search may minimise: the proper scoring rules NLL and Brier, ECE, and ``constrained-ece``
+#: -- the lowest ECE among the candidates whose accuracy is within :data:`ACCURACY_TOLERANCE` of the
+#: most accurate candidate's (calibration without giving up accuracy).
+SCORES = ("nll", "brier", "ece", "constrained-ece")
+#: ``constrained-ece``: the accuracy a candidate may lose against the most accurate one (1 point).
+ACCURACY_TOLERANCE = 0.01
 
 
 def placeholders(expression: str) -> list[str]:
@@ -122,7 +128,11 @@ def search(space: dict[str, Dimension], evaluate: Callable[[list[dict[str, float
            trials: int = 16, metric: str = "nll", seed: int = 0, batch: int = 4) -> SearchResult:
     """Propose up to ``trials`` candidates of ``space`` in batches of ``batch``; ``evaluate`` scores a
     batch (a list of ``{name: value}``) and returns one ``{score: value}`` per candidate, which must
-    hold ``metric``. The chosen candidate has the lowest ``metric`` (the first proposed on ties).
+    hold ``metric`` (``constrained-ece``: ``ece`` and ``accuracy``). The chosen candidate has the
+    lowest ``metric`` (the first proposed on ties); for ``constrained-ece``, the lowest ECE among
+    the candidates with accuracy >= (best accuracy - :data:`ACCURACY_TOLERANCE`), and the sampler
+    is told ``ECE + max(0, best accuracy so far - tolerance - accuracy)`` (a shortfall beyond the
+    tolerance counts as calibration error).
     With only lists of choices whose product is at most ``trials`` the search is the full grid, in
     order; otherwise Optuna's TPE sampler, seeded by ``seed``, proposes (a batch is asked at once,
     with the constant-liar strategy), so a search is deterministic for a seed and batch size."""
@@ -142,7 +152,11 @@ def search(space: dict[str, Dimension], evaluate: Callable[[list[dict[str, float
             raise ValueError(f"search: evaluate returned {len(scores)} scores for {len(proposals)} candidates")
         for values, score in zip(proposals, scores, strict=True):
             candidates.append({"values": values, "scores": {k: float(v) for k, v in score.items()}})
-        return [_finite(float(score[metric])) for score in scores]
+        if metric != "constrained-ece":
+            return [_finite(float(score[metric])) for score in scores]
+        best = max(c["scores"]["accuracy"] for c in candidates)
+        return [_finite(float(score["ece"]) + max(0.0, best - ACCURACY_TOLERANCE - float(score["accuracy"])))
+                for score in scores]
 
     grid = _grid(space, trials)
     if grid is not None:
@@ -161,8 +175,20 @@ def search(space: dict[str, Dimension], evaluate: Callable[[list[dict[str, float
                           for name, d in space.items()} for trial in asked]
             for trial, value in zip(asked, scored(proposals), strict=True):
                 study.tell(trial, value)
-    best = min(range(len(candidates)), key=lambda i: (_finite(candidates[i]["scores"][metric]), i))
+    best = choose(candidates, metric)
     return SearchResult(candidates, {"index": best, **candidates[best]}, metric, kind)
+
+
+def choose(candidates: Sequence[dict[str, Any]], metric: str) -> int:
+    """Index of the chosen candidate: the lowest ``metric`` score, the first on ties; for
+    ``constrained-ece`` the lowest ECE among those within :data:`ACCURACY_TOLERANCE` of the best
+    accuracy. Non-finite scores lose."""
+    eligible: Sequence[int] = range(len(candidates))
+    if metric == "constrained-ece":
+        top = max(c["scores"]["accuracy"] for c in candidates)
+        eligible = [i for i in eligible if candidates[i]["scores"]["accuracy"] >= top - ACCURACY_TOLERANCE]
+        metric = "ece"
+    return min(eligible, key=lambda i: (_finite(candidates[i]["scores"][metric]), i))
 
 
 def _finite(value: float) -> float:

@@ -59,7 +59,8 @@ def trials_option() -> Any:
 
 
 def tune_metric_option() -> Any:
-    return option("nll", help="--tune auto: the score minimised", choices=SCORES)
+    return option("nll", help="--tune auto: the score minimised (constrained-ece: the lowest ECE among candidates "
+                              "within 1 accuracy point of the most accurate)", choices=SCORES)
 
 
 def check_tuning_options(config: Any) -> None:
@@ -158,6 +159,6 @@ def write_tuning(directory: RunDirectory, result: SearchResult, space: dict[str,
         **scored_on, "objective": objective, "space": [d.to_dict() for d in space.values()], "trials": trials,
         "batch": TUNE_BATCH, "seed": seed, "chosen_objective": chosen_objective, **result.to_dict()})
     return {"chosen": result.chosen["values"], "objective": chosen_objective, "metric": result.metric,
-            "score": result.chosen["scores"][result.metric], "candidates": len(result.candidates),
+            "score": result.chosen["scores"]["ece" if result.metric == "constrained-ece" else result.metric], "candidates": len(result.candidates),
             "sampler": result.sampler, "split": scored_on["split"],
             **({"folds": scored_on["folds"]} if "folds" in scored_on else {})}
