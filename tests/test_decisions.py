@@ -1,0 +1,197 @@
+"""Decisions from probabilities: referral thresholds (Learn then Test) and conformal prediction
+sets -- the guarantees hold on simulated data with known probabilities, exact edge cases, and
+agreement with MAPIE and scipy where they compute the same thing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import binom
+
+from calibprompt.decisions import (
+    SCORES,
+    THRESHOLDS,
+    ConformalSets,
+    fit_conformal,
+    fit_referral,
+    min_accepted,
+    min_per_class,
+    referral_outcome,
+    set_outcome,
+)
+
+
+def simulate(rng: np.random.Generator, n: int, classes: int = 4, scale: float = 2.5):
+    """Probabilities from random logits and labels drawn from them: a perfectly calibrated model,
+    so the true selective risk and coverage are known in distribution."""
+    logits = rng.normal(size=(n, classes)) * scale
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = (rng.random(n)[:, None] > np.cumsum(p, 1)).sum(1).clip(max=classes - 1)
+    return p, y
+
+
+# -- referral ----------------------------------------------------------------------------------
+def test_referral_guarantee_holds_in_at_least_one_minus_delta_of_repeats():
+    """100 calibration draws of 1000 cases from a calibrated model: the selective error on a large
+    test set (a proxy for the true selective risk at the chosen threshold) is at most the target
+    in >= 90 % of draws. The naive rule -- the lowest threshold whose calibration error is within
+    the target -- fails this in about half of the draws, so the check has power."""
+    rng = np.random.default_rng(0)
+    test_p, test_y = simulate(rng, 100_000)
+    test_conf, test_wrong = test_p.max(1), test_p.argmax(1) != test_y
+    violations = reached = naive_violations = 0
+    for _ in range(100):
+        p, y = simulate(rng, 1000)
+        referral = fit_referral(p, y, max_error=0.1, confidence=0.9)
+        if referral.threshold is not None:
+            reached += 1
+            violations += referral_outcome(referral, test_p, test_y)["selective_error"] > 0.1
+        order = np.argsort(-p.max(1), kind="stable")
+        running = np.cumsum((p.argmax(1) != y)[order]) / np.arange(1, 1001)
+        naive = p.max(1)[order][np.flatnonzero(running <= 0.1).max()]
+        naive_violations += test_wrong[test_conf >= naive].mean() > 0.1
+    assert reached >= 90  # the target is reachable on most draws
+    assert violations <= 10
+    assert naive_violations >= 30
+
+
+def test_referral_p_values_are_exact_binomial_tails_and_holm_picks_the_lowest_certified():
+    rng = np.random.default_rng(1)
+    p, y = simulate(rng, 600)
+    r = fit_referral(p, y, max_error=0.08, confidence=0.8)
+    conf, wrong = p.max(1), p.argmax(1) != y
+    for test in r.tests:
+        kept = conf >= test["threshold"]
+        assert test["accepted"] == kept.sum() and test["errors"] == (wrong & kept).sum()
+        expected = binom.cdf(test["errors"], test["accepted"], 0.08) if test["accepted"] else 1.0
+        assert test["p_value"] == pytest.approx(expected, rel=1e-9, abs=1e-300)
+    # Holm by hand: sort p-values, reject while p_(i) <= delta / (m - i)
+    m, delta = len(THRESHOLDS), 0.2
+    order = np.argsort([t["p_value"] for t in r.tests], kind="stable")
+    rejected = set()
+    for i, j in enumerate(order):
+        if r.tests[j]["p_value"] > delta / (m - i):
+            break
+        rejected.add(int(j))
+    assert {i for i, t in enumerate(r.tests) if t["certified"]} == rejected
+    assert r.threshold == THRESHOLDS[min(rejected)]
+
+
+def test_referral_edge_cases():
+    p = np.array([[0.99, 0.01]] * 300 + [[0.6, 0.4]] * 100)
+    all_right = fit_referral(p, np.zeros(400, dtype=int), max_error=0.05, confidence=0.9)
+    assert all_right.threshold == 0.0 and all_right.calibration_accepted == 400  # accept everything
+    all_wrong = fit_referral(p, np.ones(400, dtype=int), max_error=0.05, confidence=0.9)
+    assert all_wrong.threshold is None and not all_wrong.accept(p).any()  # refer everything
+    assert referral_outcome(all_wrong, p, np.ones(400, dtype=int))["selective_error"] is None
+    # ties: every case has the same confidence; a threshold cannot split them
+    tied = fit_referral(np.full((200, 2), 0.5) + [[0.2, -0.2]], np.r_[np.zeros(195), np.ones(5)].astype(int),
+                        max_error=0.1, confidence=0.9)
+    assert tied.threshold is not None and tied.accept(np.array([[0.7, 0.3]])).all()
+    # too few cases to reach the target at all, whatever they are
+    need = min_accepted(0.05, 0.9)
+    assert need == math.ceil(math.log(0.1 / 26) / math.log(0.95)) == 109
+    few = fit_referral(p[:need - 1], np.zeros(need - 1, dtype=int), max_error=0.05, confidence=0.9)
+    assert few.threshold is None and few.min_accepted == need
+    enough = fit_referral(p[:need], np.zeros(need, dtype=int), max_error=0.05, confidence=0.9)
+    assert enough.threshold == 0.0
+    with pytest.raises(ValueError, match="max_error"):
+        fit_referral(p, np.zeros(400, dtype=int), max_error=0)
+    with pytest.raises(ValueError, match="confidence"):
+        fit_referral(p, np.zeros(400, dtype=int), confidence=1.0)
+
+
+def test_referral_does_not_depend_on_case_order():
+    rng = np.random.default_rng(2)
+    p, y = simulate(rng, 500)
+    perm = rng.permutation(500)
+    assert fit_referral(p, y).to_dict() == fit_referral(p[perm], y[perm]).to_dict()
+
+
+# -- conformal ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("score", SCORES)
+def test_conformal_coverage_holds_on_average(score):
+    """1000 calibration draws of 120 cases (4 classes): the mean test coverage is the theoretical
+    ⌈(n + 1)(1 − α)⌉ / (n + 1) = 109/121 = 0.9008 within 3 Monte Carlo standard errors (~0.001),
+    and every class reaches 1 − α on average with Mondrian sets."""
+    rng = np.random.default_rng(3)
+    marginal, per_class = [], []
+    for _ in range(1000):
+        p, y = simulate(rng, 120)
+        tp, ty = simulate(rng, 500)
+        marginal.append(set_outcome(fit_conformal(p, y, 0.9, score).predict(tp), ty)["coverage"])
+        outcome = set_outcome(fit_conformal(p, y, 0.9, score, mondrian=True).predict(tp), ty)
+        per_class.append([c["coverage"] for c in outcome["by_class"].values()])
+    assert abs(np.mean(marginal) - 109 / 121) <= 3 * np.std(marginal) / np.sqrt(1000)
+    assert (np.mean(per_class, axis=0) >= 0.9 - 3 * np.std(per_class, axis=0) / np.sqrt(1000)).all()
+
+
+def test_conformal_scores_against_an_independent_loop():
+    rng = np.random.default_rng(4)
+    p, y = simulate(rng, 50, classes=5)
+    lam, k = 0.05, 2
+    for score in SCORES:
+        sets = fit_conformal(p, y, 0.8, score, raps_lambda=lam, raps_k=k)
+        expected = np.zeros_like(p)
+        for i in range(len(p)):
+            for c in range(5):
+                above = [j for j in range(5) if p[i, j] > p[i, c] or (p[i, j] == p[i, c] and j <= c)]
+                aps = sum(p[i, j] for j in above)
+                expected[i, c] = {"lac": 1 - p[i, c], "aps": aps, "raps": aps + lam * max(0, len(above) - k)}[score]
+        true = sorted(expected[np.arange(50), y])
+        q = true[math.ceil(51 * 0.8) - 1]
+        assert sets.thresholds == (pytest.approx(q),)
+        assert np.array_equal(sets.predict(p), expected <= q + 1e-12)
+
+
+def test_lac_sets_equal_mapie():
+    from sklearn.base import BaseEstimator, ClassifierMixin
+
+    from mapie.classification import SplitConformalClassifier
+
+    class Probabilities(ClassifierMixin, BaseEstimator):  # MAPIE on precomputed probabilities
+        def fit(self, X, y=None):
+            self.classes_ = np.arange(4)
+            return self
+
+        def predict_proba(self, X):
+            return np.asarray(X)
+
+        def predict(self, X):
+            return np.asarray(X).argmax(1)
+
+    rng = np.random.default_rng(5)
+    p, y = simulate(rng, 300)
+    tp, _ = simulate(rng, 3000)
+    mapie = SplitConformalClassifier(Probabilities().fit(p, y), confidence_level=0.9, conformity_score="lac",
+                                     prefit=True).conformalize(p, y)
+    assert np.array_equal(mapie.predict_set(tp)[1][:, :, 0], fit_conformal(p, y, 0.9, "lac").predict(tp))
+
+
+def test_conformal_edge_cases_and_warnings():
+    p = np.array([[0.7, 0.2, 0.1]] * 30)
+    y = np.r_[np.zeros(25), np.ones(3), np.full(2, 2)].astype(int)
+    mondrian = fit_conformal(p, y, 0.9, "lac", mondrian=True, classnames=["a", "b", "c"])
+    assert min_per_class(0.9) == 9 and min_per_class(0.95) == 19
+    assert mondrian.thresholds[1] == math.inf and mondrian.thresholds[2] == math.inf
+    assert len(mondrian.warnings) == 2 and "'b' has 3 calibration case(s)" in mondrian.warnings[0]
+    assert "needs at least 9" in mondrian.warnings[0]
+    assert mondrian.predict(p)[:, 1:].all()  # too few: always in the set
+    tiny = fit_conformal(p[:5], y[:5], 0.9, "aps")
+    assert tiny.thresholds == (math.inf,) and tiny.predict(p).all() and tiny.warnings
+    # ties in scores: every case identical, the threshold is their common score
+    tied = fit_conformal(p, np.zeros(30, dtype=int), 0.9, "lac")
+    assert tied.thresholds == (pytest.approx(0.3),) and tied.predict(p)[:, 0].all() and not tied.predict(p)[:, 1:].any()
+    # stored and read back: the same rule
+    again = ConformalSets.from_dict(mondrian.to_dict())
+    assert again == mondrian and np.array_equal(again.predict(p), mondrian.predict(p))
+    assert mondrian.to_dict()["thresholds"][1] is None  # JSON has no infinity
+    with pytest.raises(ValueError, match="score"):
+        fit_conformal(p, y, 0.9, "thr")
+    with pytest.raises(ValueError, match="coverage"):
+        fit_conformal(p, y, 1.5)
+    outcome = set_outcome(mondrian.predict(p), y, ["a", "b", "c"])
+    assert outcome["by_class"]["b"]["coverage"] == 1.0 and set(outcome["by_size"]) <= {"0", "1", "2", "3"}
