@@ -88,7 +88,7 @@ def test_referral_edge_cases():
     assert all_wrong.threshold is None and not all_wrong.accept(p).any()  # refer everything
     assert referral_outcome(all_wrong, p, np.ones(400, dtype=int))["selective_error"] is None
     # ties: every case has the same confidence; a threshold cannot split them
-    tied = fit_referral(np.full((200, 2), 0.5) + [[0.2, -0.2]], np.r_[np.zeros(195), np.ones(5)].astype(int),
+    tied = fit_referral(np.tile([0.7, 0.3], (200, 1)), np.r_[np.zeros(195), np.ones(5)].astype(int),
                         max_error=0.1, confidence=0.9)
     assert tied.threshold is not None and tied.accept(np.array([[0.7, 0.3]])).all()
     # too few cases to reach the target at all, whatever they are
@@ -148,9 +148,8 @@ def test_conformal_scores_against_an_independent_loop():
 
 
 def test_lac_sets_equal_mapie():
-    from sklearn.base import BaseEstimator, ClassifierMixin
-
     from mapie.classification import SplitConformalClassifier
+    from sklearn.base import BaseEstimator, ClassifierMixin
 
     class Probabilities(ClassifierMixin, BaseEstimator):  # MAPIE on precomputed probabilities
         def fit(self, X, y=None):
@@ -195,3 +194,62 @@ def test_conformal_edge_cases_and_warnings():
         fit_conformal(p, y, 1.5)
     outcome = set_outcome(mondrian.predict(p), y, ["a", "b", "c"])
     assert outcome["by_class"]["b"]["coverage"] == 1.0 and set(outcome["by_size"]) <= {"0", "1", "2", "3"}
+
+
+# -- on runs -----------------------------------------------------------------------------------
+def test_referral_and_conformal_commands_on_runs(tmp_path, capsys):
+    """From the command line on finished runs: fitted on the calibration split, measured on test,
+    stored beside the run (JSON, the risk-coverage PNG); a run without calibration predictions is
+    refused with the way out, before anything is written."""
+    import json
+
+    from calibprompt.cli import main
+    from calibprompt.runs.directory import read_predictions
+    from tests.test_sweeps import imagefolder
+
+    data = imagefolder(tmp_path, seed=0, train=14, test=10)
+    common = ["--backbone", "demo", "--dataset", "imagefolder", "--root", str(data), "--cache", str(tmp_path / "cache"),
+              "--workers", "0", "--quiet"]
+    assert main(["train", *common, "--method", "ce", "--shots", "2", "--epochs", "2", "--views", "2",
+                 "--calib-per-class", "8", "--val-per-class", "2", "--out", str(tmp_path / "runs")]) == 0
+    assert main(["tpt", *common, "--method", "tpt", "--views", "2", "--out", str(tmp_path / "runs")]) == 0
+    prompt_run = next(p.parent for p in (tmp_path / "runs").rglob("metrics.json") if "tpt-" not in str(p))
+    tpt_run = next(p.parent for p in (tmp_path / "runs").rglob("metrics.json") if "tpt-" in str(p))
+    capsys.readouterr()
+    assert main(["referral", str(prompt_run), "--max-error", "0.3", "--confidence", "0.8"]) == 0
+    record = json.loads((prompt_run / "referral.json").read_text())
+    preds = read_predictions(prompt_run)
+    calib = softmax_rows(preds["calib_logits"])
+    expected = fit_referral(calib, preds["calib_labels"], 0.3, 0.8)
+    assert record["threshold"] == expected.threshold and record["split"] == "calibration"
+    assert record["sizes"] == {"calibration": 32, "test": 40}
+    outcome = referral_outcome(expected, softmax_rows(preds["test_logits"]), preds["test_labels"])
+    assert record["test"] == outcome and (prompt_run / "referral_risk_coverage.png").stat().st_size > 0
+    assert main(["conformal", str(prompt_run), "--coverage", "0.8", "--score", "lac", "--mondrian"]) == 0
+    stored = json.loads((prompt_run / "conformal.json").read_text())
+    names = json.loads((prompt_run / "config.json").read_text())["classnames"]
+    sets = ConformalSets.from_dict(stored["fitted"])
+    assert sets == fit_conformal(calib, preds["calib_labels"], 0.8, "lac", mondrian=True, classnames=names)
+    assert stored["test"] == set_outcome(sets.predict(softmax_rows(preds["test_logits"])), preds["test_labels"], names)
+    assert "mean set size" in capsys.readouterr().out
+    # predict applies both stored rules to new images: decision and prediction_set columns
+    images = sorted((data / "test").rglob("*.png"))[:6]
+    assert main(["predict", str(prompt_run), *map(str, images), "--out", str(tmp_path / "pred"), "--quiet"]) == 0
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "pred" / "predictions.csv").open()))
+    probs = np.array([[float(r[f"p_uncalibrated[{c}]"]) for c in names] for r in rows])
+    accept = probs.max(1) >= record["threshold"] if record["threshold"] is not None else np.zeros(6, bool)
+    assert [r["decision"] for r in rows] == ["accept" if a else "refer" for a in accept]
+    expected_sets = sets.predict(probs)
+    assert [r["prediction_set"] for r in rows] == ["|".join(np.array(names)[m]) for m in expected_sets]
+    assert set(json.loads((tmp_path / "pred" / "predict.json").read_text())["decisions"]) == {"referral", "conformal"}
+    # a test-time run without a calibration split: refused, nothing written
+    assert main(["referral", str(tpt_run)]) == 2
+    assert "--calib-per-class" in capsys.readouterr().err and not (tpt_run / "referral.json").exists()
+
+
+def softmax_rows(z):
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)

@@ -141,9 +141,13 @@ def plot_risk_coverage(
     curves: Mapping[str, tuple[ArrayLike, ArrayLike]],
     path: str | os.PathLike[str] | None = None,
     title: str | None = None,
+    target: float | None = None,
+    points: Mapping[str, tuple[float, float]] | None = None,
 ) -> Figure:
     """Risk–coverage curves of several predictors, ``{"name": (probs, labels)}``, with the
-    AURC (%) of each in the legend. Saved as PNG when ``path`` is given (atomically)."""
+    AURC (%) of each in the legend; ``target`` draws a horizontal line at that risk and ``points``
+    marks operating points ``{"name": (coverage, risk)}``. Saved as PNG when ``path`` is given
+    (atomically)."""
     plt = _pyplot()
     if not curves:
         raise ValueError("curves: expected at least one (probs, labels) pair")
@@ -151,6 +155,11 @@ def plot_risk_coverage(
     for name, (probs, labels) in curves.items():
         coverage, risk = risk_coverage(probs, labels)
         ax.plot(coverage, risk, linewidth=1.4, label=f"{name} (AURC {100 * risk.mean():.2f}%)")
+    if target is not None:
+        ax.axhline(target, color="0.4", linestyle="--", linewidth=1.0, label=f"target risk {target:g}")
+    for name, (cov, risk_at) in (points or {}).items():
+        ax.plot([cov], [risk_at], marker="o", markersize=6, linestyle="none",
+                label=f"{name}: coverage {100 * cov:.1f}%, risk {100 * risk_at:.1f}%")
     ax.set_xlim(0, 1)
     ax.set_ylim(bottom=0)
     return _finish_curves(fig, ax, "coverage", "risk (error rate among kept)", title, path)

@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from calibprompt import __version__
-from calibprompt.cli import data, demo, measure, results, run
+from calibprompt.cli import data, decide, demo, measure, results, run
 from calibprompt.cli.common import CLIError
 
 __all__ = ["CLIError", "build_parser", "main"]
 
 #: Command groups, in the order ``--help`` lists them.
-MODULES = (measure, data, run, results, demo)
+MODULES = (measure, data, run, results, decide, demo)
 
 
 class _Parser(argparse.ArgumentParser):

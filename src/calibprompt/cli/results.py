@@ -121,6 +121,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                   f"{result.calibrator.get('split', 'validation')} split)" if result.calibrator else
                   "uncalibrated probabilities only (the run has no fitted calibrator)")
     console.print(f"{len(result.paths)} image(s) classified, {calibrated}: {written['csv']}")
+    for name, column in (("referral", "decision (accept/refer)"), ("conformal", "prediction_set")):
+        if name in result.decisions:
+            console.print(f"the run's {name} rule applied: column {column}; {result.decisions[name]['guarantee']}",
+                          soft_wrap=True)
     for path, reason in result.excluded:
         console.print(f"[yellow]excluded[/] {path}: {reason}")
     return 0

@@ -27,6 +27,7 @@ from scipy.special import softmax
 
 from calibprompt.data import FeatureStore, load_dataset
 from calibprompt.data.datasets import IMAGE_EXTENSIONS
+from calibprompt.decisions import ConformalSets
 from calibprompt.files import slug, write_json, write_text
 from calibprompt.metrics import METRICS_VERSION
 from calibprompt.plots import plot_reliability
@@ -80,6 +81,11 @@ class Predictions:
     calibrated: np.ndarray | None = None
     calibrator: dict[str, Any] | None = None
     excluded: list[tuple[str, str]] = field(default_factory=list)
+    #: the run's referral rule (``referral.json``) applied: True = accept, False = refer
+    accept: np.ndarray | None = None
+    #: the run's conformal rule (``conformal.json``) applied: (N, C), label c in the set of image i
+    sets: np.ndarray | None = None
+    decisions: dict[str, Any] = field(default_factory=dict)  # the rules applied, as the run stored them
 
     @property
     def predicted(self) -> list[str]:
@@ -87,17 +93,25 @@ class Predictions:
 
     def to_csv(self, path: str | Path) -> Path:
         """``path, predicted_class, p_uncalibrated[<class>]...`` and, with a calibrator,
-        ``p_temperature_scaled[<class>]...`` (written atomically)."""
+        ``p_temperature_scaled[<class>]...``; with the run's decision rules, ``decision``
+        (``accept`` / ``refer``) and ``prediction_set`` (class names joined by ``|``; empty for an
+        empty set). Written atomically."""
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         header = ["path", "predicted_class", *(f"p_uncalibrated[{c}]" for c in self.classnames)]
         if self.calibrated is not None:
             header += [f"p_temperature_scaled[{c}]" for c in self.classnames]
+        header += [name for name, values in (("decision", self.accept), ("prediction_set", self.sets))
+                   if values is not None]
         writer.writerow(header)
         for i, (p, name) in enumerate(zip(self.paths, self.predicted, strict=True)):
             row = [p, name, *(f"{v:.6g}" for v in self.probs[i])]
             if self.calibrated is not None:
                 row += [f"{v:.6g}" for v in self.calibrated[i]]
+            if self.accept is not None:
+                row.append("accept" if self.accept[i] else "refer")
+            if self.sets is not None:
+                row.append("|".join(c for c, inside in zip(self.classnames, self.sets[i], strict=True) if inside))
             writer.writerow(row)
         return write_text(path, buffer.getvalue())
 
@@ -169,12 +183,37 @@ class Run:
         logits, index, excluded = self._logits(paths, device, cache, workers, progress, weights)
         probs = softmax(logits, axis=1)
         t = self.temperature
-        return Predictions(
+        result = Predictions(
             paths=[str(paths[i]) for i in index], classnames=self.classnames, logits=logits, probs=probs,
             calibrated=None if t is None else softmax(logits / t, axis=1),
             calibrator=None if t is None else {"name": "temperature", "temperature": t,
                                                **self.metrics.get("calibrator", {})},
             excluded=[tuple(e) for e in excluded])
+        self._decide(result)
+        return result
+
+    def _decide(self, result: Predictions) -> None:
+        """Apply the run's stored decision rules (``referral.json``, ``conformal.json``), each to
+        the probabilities it was fitted on (the model's, or temperature-scaled)."""
+        for name in ("referral", "conformal"):
+            path = self.directory / f"{name}.json"
+            if not path.is_file():
+                continue
+            record = json.loads(path.read_text())
+            if record.get("run_id") != self.record["run_id"]:
+                raise ValueError(f"{path}: fitted on another run (run_id {record.get('run_id')!r}); refit it with "
+                                 f"calibprompt {name} {self.directory}")
+            probs = result.probs
+            if record.get("probabilities") == "temperature":
+                probs = softmax(result.logits / float(self.temperature), axis=1)
+            if name == "referral":
+                result.accept = (np.zeros(len(probs), dtype=bool) if record["threshold"] is None
+                                 else probs.max(axis=1) >= record["threshold"])
+            else:
+                result.sets = ConformalSets.from_dict(record["fitted"]).predict(probs)
+            result.decisions[name] = {k: record.get(k) for k in ("guarantee", "threshold", "score", "coverage",
+                                                                  "mondrian", "max_error", "confidence",
+                                                                  "probabilities") if k in record}
 
     def evaluate(self, dataset: str, root: str | Path, *, split: str = "test", n_bins: int | None = None,
                  device: str | None = None, cache: str | None = None, workers: int | None = None,
@@ -229,5 +268,6 @@ def write_prediction_files(result: Predictions, run: Run, out: str | Path) -> di
     info = write_json(out / "predict.json", {
         "run": str(run.directory), "run_id": run.record["run_id"], "method": run.method,
         "classnames": run.classnames, "images": len(result.paths), "calibrator": result.calibrator,
+        "decisions": result.decisions,
         "excluded": [list(e) for e in result.excluded]})
     return {"csv": csv_path, "json": info}
