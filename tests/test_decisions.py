@@ -244,6 +244,15 @@ def test_referral_and_conformal_commands_on_runs(tmp_path, capsys):
     expected_sets = sets.predict(probs)
     assert [r["prediction_set"] for r in rows] == ["|".join(np.array(names)[m]) for m in expected_sets]
     assert set(json.loads((tmp_path / "pred" / "predict.json").read_text())["decisions"]) == {"referral", "conformal"}
+    # the report shows each row's decisions beside its calibration numbers
+    from calibprompt.runs import write_report
+
+    written = write_report(tmp_path / "runs", out=tmp_path / "report", n_resamples=10)
+    section = written["markdown"].read_text().split("## Decisions")[1]
+    assert f"{100 * record['test']['coverage']:.1f} ± 0.0" in section
+    assert f"{stored['test']['mean_size']:.2f} ± 0.00" in section and "lac, 0.8 per class" in section
+    lines = written["decisions_csv"].read_text().splitlines()
+    assert len(lines) == 3 and lines[1].split(",")[3] == "referral"
     # a test-time run without a calibration split: refused, nothing written
     assert main(["referral", str(tpt_run)]) == 2
     assert "--calib-per-class" in capsys.readouterr().err and not (tpt_run / "referral.json").exists()

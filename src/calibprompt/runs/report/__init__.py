@@ -53,10 +53,12 @@ from calibprompt.runs.report.constants import (
     METRICS,
     VARIANTS,
 )
+from calibprompt.runs.report.decisions import decision_lines
 from calibprompt.runs.report.published import published_lines, tuning_lines
 from calibprompt.runs.report.render import (
     _csv_main,
     _csv_per_class,
+    _decisions_csv,
     _latex,
     _markdown,
     _published_csv,
@@ -130,6 +132,9 @@ def build_report(root: str | os.PathLike[str], out: str | os.PathLike[str] | Non
         "per_class_csv": write_text(target / "report_per_class.csv", _csv_per_class(summary, n_bins)),
         "latex": write_text(target / "report.tex", _latex(summary, n_resamples, n_bins, baseline)),
     }
+    decided = decision_lines(summary.rows, summary.groups)
+    if decided:
+        written["decisions_csv"] = write_text(target / "report_decisions.csv", _decisions_csv(decided))
     tuned = tuning_lines(summary.rows, summary.groups)
     if tuned:
         written["tuning_csv"] = write_text(target / "report_tuning.csv", _tuning_csv(tuned))
@@ -182,6 +187,8 @@ def write_report(root: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     Rows of runs made with ``--tune auto`` get a section of ``report.md`` with the values each seed
     chose (and what they were scored on), beside the paper's value for that backbone x dataset
     where one exists, and ``report_tuning.csv`` (``"tuning_csv"``: one line per run and
-    hyperparameter).
+    hyperparameter). Rows whose runs carry decision rules (``referral.json``, ``conformal.json``)
+    get a *Decisions* section (test coverage, error among accepted, mean set size; mean ± std over
+    seeds) and ``report_decisions.csv`` (``"decisions_csv"``).
     """
     return build_report(root, out, n_resamples, n_bins, baseline, seed, runs=runs, published=published)[1]

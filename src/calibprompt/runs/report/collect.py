@@ -137,6 +137,7 @@ class _Run:
     held_out: dict[str, Any] | None = None  # config.json's test_split: a test set held out of the data
     certification: dict[str, Any] | None = None  # metrics.json's certification (certify runs)
     tuning: dict[str, Any] | None = None  # metrics.json's tuning (runs made with --tune auto)
+    decisions: dict[str, Any] = field(default_factory=dict)  # referral.json / conformal.json of this run
     _probs: dict[str, np.ndarray] = field(default_factory=dict)
 
     def variants(self) -> list[str]:
@@ -215,7 +216,21 @@ def _load_run(directory: Path) -> _Run:
                 labels=labels.astype(np.int64), files=files.astype(str), temperature=temperature,
                 held_out=record["test_split"] if isinstance(record.get("test_split"), dict) else None,
                 certification=metrics.get("certification") if isinstance(metrics, dict) else None,
-                tuning=metrics.get("tuning") if isinstance(metrics, dict) else None)
+                tuning=metrics.get("tuning") if isinstance(metrics, dict) else None,
+                decisions=_decisions(directory, str(record["run_id"])))
+
+
+def _decisions(directory: Path, run_id: str) -> dict[str, Any]:
+    """The decision rules fitted on the run (``referral.json``, ``conformal.json``), when they
+    belong to this run (its run_id)."""
+    out = {}
+    for name in ("referral", "conformal"):
+        path = directory / f"{name}.json"
+        if path.is_file():
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(record, dict) and record.get("run_id") == run_id:
+                out[name] = record
+    return out
 
 
 def _flatten(identity: Mapping[str, Any]) -> dict[str, Any]:

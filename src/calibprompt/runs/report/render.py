@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from calibprompt.runs.report.constants import (
     PERCENT,
     VARIANT_LABELS,
 )
+from calibprompt.runs.report.decisions import decision_lines
 from calibprompt.runs.report.published import tuning_lines
 from calibprompt.runs.report.rows import Row
 from calibprompt.runs.report.summary import _Summary
@@ -254,6 +256,7 @@ def _markdown(s: _Summary, n_resamples: int, n_bins: int, baseline: str | None, 
          for r in s.rows for v in r.variants for c in r.per_class[v]))
     lines += _certification_lines(s)
     lines += _tuning_markdown(tuning_lines(s.rows, s.groups))
+    lines += _decisions_markdown(decision_lines(s.rows, s.groups))
     binary = [(r, r.two_class) for r in s.rows if r.two_class]
     if binary:
         lines += ["", "### Two-class tasks: sensitivity and specificity", "",
@@ -502,3 +505,59 @@ def _tuning_csv(lines: list[dict[str, Any]]) -> str:
                                    r["scored_on"], r["metric"], "" if r["paper"] is None else r["paper"],
                                    r["paper_source"]]
                                   for r in lines for seed, value in zip(r["seeds"], r["chosen"], strict=True)))
+
+
+def _pct_stat(stat: dict[str, float] | None) -> str:
+    return "—" if stat is None else f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def _decisions_markdown(lines: list[dict[str, Any]]) -> list[str]:
+    """The section of report.md with the rows' decision rules (``calibprompt referral`` /
+    ``conformal``), measured on test."""
+    if not lines:
+        return []
+    out = ["", "## Decisions (fitted on each run's calibration split, measured on test)", "",
+           "Referral: accept a case when its confidence reaches the run's certified threshold (Learn then Test: error "
+           "among accepted ≤ target with the stated probability); coverage = accepted cases, error = among accepted; "
+           "seeds where no threshold was certified refer everything (coverage 0). Conformal: prediction sets with "
+           "the stated coverage (marginal, or per class for Mondrian). Mean ± std over seeds, in % (set size: "
+           "classes).", ""]
+    referral = [r for r in lines if r["rule"] == "referral"]
+    if referral:
+        out += _md_table(["backbone", "dataset", "method", "seeds", "target", "coverage %", "error among accepted %",
+                          "seeds without a threshold"],
+                         [(r["backbone"], r["dataset"], r["method"], ", ".join(map(str, r["seeds"])),
+                           *((f"error ≤ {r['settings']['max_error']:g} w.p. {r['settings']['confidence']:g}"
+                              + (" (T-scaled)" if r["settings"]["probabilities"] == "temperature" else ""),
+                              _pct_stat(r["coverage"]), _pct_stat(r["selective_error"]), str(r["unreachable"]))
+                             if "note" not in r else (r["note"], "", "", ""))) for r in referral])
+        out.append("")
+    conformal = [r for r in lines if r["rule"] == "conformal"]
+    if conformal:
+        out += _md_table(["backbone", "dataset", "method", "seeds", "sets", "coverage %", "mean set size"],
+                         [(r["backbone"], r["dataset"], r["method"], ", ".join(map(str, r["seeds"])),
+                           *((f"{r['settings']['score']}, {r['settings']['coverage']:g}"
+                              + (" per class" if r["settings"]["mondrian"] else "")
+                              + (" (T-scaled)" if r["settings"]["probabilities"] == "temperature" else ""),
+                              _pct_stat(r["coverage"]),
+                              f"{r['mean_size']['mean']:.2f} ± {r['mean_size']['std']:.2f}")
+                             if "note" not in r else (r["note"], "", ""))) for r in conformal])
+    return out
+
+
+_DECISION_COLUMNS = ["backbone", "dataset", "method", "rule", "seeds", "settings", "coverage_mean", "coverage_std",
+                     "selective_error_mean", "selective_error_std", "unreachable", "mean_size_mean", "mean_size_std",
+                     "note"]
+
+
+def _decisions_csv(lines: list[dict[str, Any]]) -> str:
+    """One line per row and rule (``report_decisions.csv``); fractions, not percent."""
+    def cells(r: dict[str, Any]) -> list[Any]:
+        def stat(key: str, part: str) -> Any:
+            value = r.get(key)
+            return "" if value is None else value[part]
+        return [r["backbone"], r["dataset"], r["method"], r["rule"], " ".join(map(str, r["seeds"])),
+                json.dumps(r.get("settings", {}), sort_keys=True), stat("coverage", "mean"), stat("coverage", "std"),
+                stat("selective_error", "mean"), stat("selective_error", "std"), r.get("unreachable", ""),
+                stat("mean_size", "mean"), stat("mean_size", "std"), r.get("note", "")]
+    return _csv(_DECISION_COLUMNS, (cells(r) for r in lines))
