@@ -21,15 +21,16 @@ ALLOWED = {
     "progress": set(),
     "backbones": set(),
     "calibrators": {"metrics"},
+    "decisions": {"metrics"},
     "plots": {"metrics", "files"},
     "objective": {"losses"},
     "data": {"files", "progress"},
     "prompts": {"backbones"},
     "methods": {"backbones", "prompts", "objective", "losses", "progress"},
-    "runs": {"metrics", "losses", "files", "progress", "backbones", "calibrators", "plots", "objective",
+    "runs": {"metrics", "losses", "files", "progress", "backbones", "calibrators", "decisions", "plots", "objective",
              "data", "prompts", "methods"},
     "demo": {"runs", "metrics", "files", "calibrators", "plots", "data", "backbones", "objective"},
-    "cli": {"runs", "metrics", "files", "calibrators", "plots", "data", "backbones", "objective", "demo"},
+    "cli": {"runs", "metrics", "files", "calibrators", "decisions", "plots", "data", "backbones", "objective", "demo"},
     "__main__": {"cli"},  # python -m calibprompt
 }
 

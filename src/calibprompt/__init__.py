@@ -16,6 +16,8 @@ runs               ``zeroshot``, ``train``, ``tpt``, ``certify`` (one run each),
                    (predict, external evaluation), ``write_report``, ``summarize``
 measuring          ``evaluate`` (every metric at once), ``bootstrap``, the ``metrics`` module
 post-hoc           ``TemperatureScaling`` and the ``calibrators`` module
+decisions          ``fit_referral`` (referral thresholds with a guarantee), ``fit_conformal``
+                   (prediction sets) and the ``decisions`` module
 =================  =====================================================================
 
 Names are imported on first use (PEP 562), so ``import calibprompt.metrics`` -- NumPy only --
@@ -54,19 +56,23 @@ _EXPORTS: dict[str, str | None] = {
     "evaluate": "calibprompt.metrics",
     "bootstrap": "calibprompt.metrics",
     "TemperatureScaling": "calibprompt.calibrators",
+    "fit_referral": "calibprompt.decisions",
+    "fit_conformal": "calibprompt.decisions",
     "metrics": None,
     "calibrators": None,
+    "decisions": None,
 }
 
 __all__ = [  # the names of _EXPORTS (a test keeps the two equal)
     "CertifyRunConfig", "FeatureStore", "Objective", "PromptRunConfig", "TPTRunConfig", "TemperatureScaling", "__version__",
-    "bootstrap", "calibrators", "certify", "evaluate", "execute_run", "few_shot", "list_backbones", "list_datasets",
+    "bootstrap", "calibrators", "certify", "decisions", "evaluate", "execute_run", "few_shot", "fit_conformal",
+    "fit_referral", "list_backbones", "list_datasets",
     "load_backbone", "load_dataset", "load_run", "metrics", "run_sweep", "summarize", "tpt", "train",
     "validation_split", "write_report", "zeroshot",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on first use
-    from calibprompt import calibrators, metrics
+    from calibprompt import calibrators, decisions, metrics
     from calibprompt.backbones import list_backbones, load_backbone
     from calibprompt.calibrators import TemperatureScaling
     from calibprompt.data import (
@@ -76,6 +82,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on f
         load_dataset,
         validation_split,
     )
+    from calibprompt.decisions import fit_conformal, fit_referral
     from calibprompt.metrics import bootstrap, evaluate
     from calibprompt.objective import Objective
     from calibprompt.runs import (
