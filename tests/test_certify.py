@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -239,3 +240,39 @@ def test_certify_runs_on_a_random_weight_plip_architecture_model(checkpoints, tm
     table = rows(next((tmp_path / "runs").rglob("certification.csv")).parent)
     assert len(table) == 9 and all(int(r["n"]) == 20 for r in table)
     assert {int(r["label"]) for r in table} == set(range(9))  # the stratified subset covers every class
+
+
+def test_split_calibration_certifies_the_calibration_images_a_run_fits_decisions_on(demo_root, tmp_path):
+    """--split calibration: the smoothed probabilities of the calibration split -- the zero-shot
+    run's own split for this seed (or a prompt run's, with --prompt) -- stored as calib_* so that
+    referral and conformal can be fitted on PromptSmooth's classifier. An image's probabilities do
+    not depend on the split it is certified in (noise seeded by its content); the test-only run
+    keeps its identity."""
+    from calibprompt.decisions import fit_conformal
+
+    test_only = execute_run(config(demo_root, tmp_path / "cache"), tmp_path / "runs")
+    both = execute_run(config(demo_root, tmp_path / "cache", split="calibration", calib_per_class=2), tmp_path / "runs")
+    assert both.directory != test_only.directory and "split" not in json.loads(
+        (test_only.directory / "config.json").read_text())["identity"]["config"]
+    zs = execute_run(PromptRunConfig("demo", "demo", str(demo_root), method="zeroshot", cache=str(tmp_path / "cache"),
+                                     workers=0, progress=False, calib_per_class=2), tmp_path / "zs")
+    manifest = json.loads((both.directory / "splits" / "calibration.json").read_text())
+    assert manifest["files"] == json.loads((zs.directory / "splits" / "calibration.json").read_text())["files"]
+    preds = np.load(both.directory / "predictions.npz")
+    assert list(preds["calib_files"]) == manifest["files"] and len(manifest["files"]) == 8
+    np.testing.assert_allclose(np.exp(preds["calib_logits"]).sum(1), 1.0, atol=1e-9)
+    np.testing.assert_array_equal(preds["test_logits"], np.load(test_only.directory / "predictions.npz")["test_logits"])
+    # the calibration images certified as the test split of another root: the same smoothed probabilities
+    other = tmp_path / "other" / "demo"
+    shutil.copytree(demo_root / "demo" / "images" / "train", other / "images" / "train")
+    shutil.copy(demo_root / "demo" / "classnames.txt", other / "classnames.txt")
+    for file in manifest["files"]:
+        target = other / "images" / "test" / file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_root / "demo" / "images" / "train" / file, target)
+    alone = execute_run(config(tmp_path / "other", tmp_path / "cache", subset=None), tmp_path / "runs")
+    again = np.load(alone.directory / "predictions.npz")
+    order = [list(again["test_files"]).index(f) for f in preds["calib_files"]]
+    np.testing.assert_allclose(again["test_logits"][order], preds["calib_logits"], atol=1e-6)
+    assert both.metrics["calibrator"]["split"] == "calibration"
+    fit_conformal(np.exp(preds["calib_logits"]), preds["calib_labels"], 0.5, "lac")  # decisions take them

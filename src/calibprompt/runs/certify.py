@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from calibprompt.data import FeatureStore
+from calibprompt.data import FeatureStore, SplitManifest, calibration_split, validation_split
 from calibprompt.data.images import open_image
 from calibprompt.files import slug, write_text
 from calibprompt.methods.promptsmooth import TestTimeConfig, adapt_to_noisy_copies
@@ -56,8 +56,10 @@ from calibprompt.runs.common import (
     cached_backbone,
     dataset_fingerprint,
     device_kind,
+    labelled_sizes,
     option,
     test_split_record,
+    unreadable_hint,
 )
 from calibprompt.runs.directory import RunDirectory, write_npz
 from calibprompt.runs.executors import ExecutorOptions, check_executor, gpu_share, map_units
@@ -72,6 +74,8 @@ PROTOCOL_VERSION = 1
 RADII = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5)
 #: PromptSmooth's per-image test-time steps (``test_time``).
 TEST_TIME = ("entropy", "entropy+as")
+#: ``--split``: the test split only, or the test and a calibration split of the train pool.
+SPLITS = ("test", "calibration")
 #: Images per checkpoint part (resumable per image).
 PART_IMAGES = 1  # one image costs n0 + n forwards: minutes on a CPU
 #: Fields that do not change a certification's result.
@@ -104,10 +108,16 @@ class CertifyRunConfig(ExecutorOptions, RunConfigBase):
                                   default_text="the dataset template's words before the class name")
     batch_size: int = option(100, help="noisy copies per image-encoder forward (results do not depend on it)")
     n_bins: int = option(15, help="bins of ECE/MCE/ACE in metrics.json")
+    split: str = option("test", help="calibration: also certify a calibration split of the train pool -- the "
+                                     "smoothed probabilities that referral and conformal are fitted on (the test "
+                                     "split is always certified)", choices=SPLITS)
+    calib_per_class: int | None = option(None, help="--split calibration: calibration images per class",
+                                         default_text="with --prompt, that run's calibration split; else as a "
+                                                      "zero-shot run draws it: max(4, 64 / classes)")
 
     @property
     def needs_train(self) -> bool:
-        return False
+        return self.split == "calibration"
 
     def validate(self) -> None:
         self.check_types()
@@ -130,6 +140,16 @@ class CertifyRunConfig(ExecutorOptions, RunConfigBase):
             raise ValueError("--ctx-init applies to --test-time only")
         if self.copies < 1:
             raise ValueError(f"copies: expected a positive integer, got {self.copies!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.calib_per_class is not None:
+            if self.split != "calibration":
+                raise ValueError("--calib-per-class applies to --split calibration")
+            if self.prompt is not None:
+                raise ValueError("--calib-per-class: with --prompt the prompt run's own calibration split is "
+                                 "certified (its images are disjoint from its shots and tuning split); drop one")
+            if isinstance(self.calib_per_class, bool) or self.calib_per_class < 1:
+                raise ValueError(f"calib_per_class: expected a positive integer, got {self.calib_per_class!r}")
         if self.n_bins > MAX_BINS:
             raise ValueError(f"n_bins: expected an integer from 1 to {MAX_BINS:,}, got {self.n_bins!r}")
         if self.seed < 0:
@@ -172,12 +192,17 @@ class CertifyRunConfig(ExecutorOptions, RunConfigBase):
         backbone, test, digest, base = setup.backbone, setup.test, setup.digest, setup.base
         store = FeatureStore(self.cache)
         skip = (*NON_EFFECTIVE, *(() if self.test_time else ("as_weight", "copies", "ctx_init", "test_time")),
-                *(() if self.test_time == "entropy+as" else ("as_weight",)))
+                *(() if self.test_time == "entropy+as" else ("as_weight",)),
+                *(() if self.split == "calibration" else ("split", "calib_per_class")))  # test only: as before
         effective = {**{k: v for k, v in asdict(self).items() if k not in skip},
                      "base": base, "prompt_digest": digest, **self.data_effective()}
+        data = {"test": dataset_fingerprint(test, store)}
+        if setup.calib is not None:  # the calibration images certified, by content
+            effective["calib_per_class"] = setup.calib_manifest.shots
+            data["calibration"] = dataset_fingerprint(setup.calib, store)
         if self.test_time:
             effective["ctx_init"] = None if self.prompt else self.context_words(test)
-        identity = RunIdentity(kind=self.kind, config=effective, data={"test": dataset_fingerprint(test, store)},
+        identity = RunIdentity(kind=self.kind, config=effective, data=data,
                                backbone=backbone.fingerprint, protocol_version=PROTOCOL_VERSION,
                                metrics_version=METRICS_VERSION, precision=self.precision,
                                device_kind=device_kind(self.device))
@@ -192,7 +217,7 @@ class CertifyRunConfig(ExecutorOptions, RunConfigBase):
                   **test_split_record(self, None, test)}
 
         def work(directory: RunDirectory) -> Outputs:
-            return _work(self, directory, store, setup.subset)
+            return _work(self, directory, store, setup)
 
         return Plan(identity, path, asdict(self), list(test.classnames), self.n_bins,
                     f"{self.backbone} / {self.dataset} / {method}, sigma {self.sigma:g}", work, record, method=method)
@@ -216,13 +241,19 @@ class _Setup:
     initial_ctx: torch.Tensor | None  # the test-time step resets the learner's context to it per image
     base: str
     digest: str | None
+    calib: Any = None  # --split calibration: the calibration images (a subset of the train pool)
+    calib_manifest: Any = None
 
 
 @functools.lru_cache(maxsize=2)
 def _setup(config: CertifyRunConfig) -> _Setup:
     """The run's :class:`_Setup`, once per process (the run's plan and each unit of work share it;
     a Ray worker builds it at its first image)."""
-    _, test = config.load_splits()
+    train, test = config.load_splits()
+    calib = manifest = None
+    if config.split == "calibration":
+        manifest = _calibration_manifest(config, train)
+        calib = manifest.subset_of(train)
     backbone = cached_backbone(config.backbone, config.weights, config.device, config.precision)
     learner = None
     if config.test_time is None:
@@ -235,24 +266,44 @@ def _setup(config: CertifyRunConfig) -> _Setup:
     if config.subset is not None and config.subset < len(test):
         subset = test.subset(stratified_subset(test.labels, config.subset), split=test.split)
     initial_ctx = None if learner is None else learner.ctx.detach().clone()
-    return _Setup(backbone, test, subset, text, learner, initial_ctx, base, digest)
+    return _Setup(backbone, test, subset, text, learner, initial_ctx, base, digest, calib, manifest)
 
 
-def certify_images(config: CertifyRunConfig, items: list[tuple[int, str]]) -> list[tuple[int, np.ndarray, str | None,
-                                                                                         list[int]]]:
-    """Certify the images ``items`` -- (position in the certified subset, content hash) -- of the
-    run ``config``: the unit of work of both executors. Each image's noise is seeded by (seed,
+def _calibration_manifest(config: CertifyRunConfig, train: Any) -> Any:
+    """``--split calibration``: the prompt run's calibration split (``--prompt``), or the one a
+    zero-shot run with this seed draws (a tuning split first, then the calibration split)."""
+    if config.prompt is not None:
+        path = Path(config.prompt) / "splits" / "calibration.json"
+        if not path.is_file():
+            raise ValueError(f"--prompt {config.prompt}: the run has no calibration split (splits/calibration.json); "
+                             "rerun it with this version of calibprompt, or certify without --split calibration")
+        manifest = SplitManifest.load(path)
+        manifest.validate(train, source=str(path))
+        return manifest
+    val_size, calib_size = labelled_sizes(train, 0, None, config.calib_per_class, config.dataset)
+    with unreadable_hint():
+        tuning = validation_split(train, per_class=val_size, seed=config.seed, strict=not config.skip_unreadable)
+        return calibration_split(train, exclude=[tuning], per_class=calib_size, seed=config.seed,
+                                 strict=not config.skip_unreadable)
+
+
+def certify_images(config: CertifyRunConfig, items: list[tuple]) -> list[tuple[int, np.ndarray, str | None,
+                                                                             list[int]]]:
+    """Certify the images ``items`` -- (position in the certified subset, content hash), or (position
+    in the calibration split, hash, ``"calibration"``) -- of the run ``config``: the unit of work of
+    both executors. Each image's noise is seeded by (seed,
     hash, sigma, draw), so the result does not depend on the process that computes it. Returns
     (position, row, reason it does not decode or None, pixel shape) per image; a row holds
     prediction, n_a, n, p_lower, radius, candidate, counts (C), mean softmax (C), clean logits (C)."""
     setup = _setup(config)
-    backbone, test, learner = setup.backbone, setup.subset, setup.learner
+    backbone, learner = setup.backbone, setup.learner
     split = pixel_transform(backbone.image_transform())
     classify = None if setup.text is None else prompted_classifier(backbone, setup.text)
     step = TestTimeConfig(copies=config.copies, as_weight=config.as_weight if config.test_time == "entropy+as" else 0.0)
-    c = test.num_classes
+    c = setup.test.num_classes
     out = []
-    for i, key in items:
+    for i, key, *which in items:
+        test = setup.calib if which == ["calibration"] else setup.subset
         try:
             pixels = split.to_pixels(open_image(test.path(i)))
         except Exception as exc:  # an image that does not decode
@@ -279,39 +330,62 @@ def certify_images(config: CertifyRunConfig, items: list[tuple[int, str]]) -> li
     return out
 
 
-def _work(config: CertifyRunConfig, directory: RunDirectory, store: FeatureStore, test: Any) -> Outputs:
-    keys = store.hashes(test.paths)  # content hashes, memoised when the run was identified
+def _work(config: CertifyRunConfig, directory: RunDirectory, store: FeatureStore, setup: _Setup) -> Outputs:
+    test = setup.subset
+    splits = {"test": ("certify", test), **({"calibration": ("calib", setup.calib)} if setup.calib is not None else {})}
+    if setup.calib_manifest is not None:
+        setup.calib_manifest.save(directory.path("splits/calibration.json"))
     parts = directory.path("parts")
     parts.mkdir(exist_ok=True)
-    done: dict[int, np.ndarray] = {}
-    for part in sorted(parts.glob("certify-*.npz")):
-        with np.load(part, allow_pickle=False) as data:
-            done.update(zip(data["positions"].tolist(), data["rows"], strict=True))
-    todo = [i for i in range(len(test)) if i not in done]
+    done: dict[str, dict[int, np.ndarray]] = {name: {} for name in splits}
+    for name, (prefix, _) in splits.items():
+        for part in sorted(parts.glob(f"{prefix}-*.npz")):
+            with np.load(part, allow_pickle=False) as data:
+                done[name].update(zip(data["positions"].tolist(), data["rows"], strict=True))
     excluded: list[tuple[str, str]] = []
     resolution: list[int] = []
     unit_config = replace(config, progress=False, executor="serial", address=None, ray_workers=None)
-    units = [(unit_config, [(i, keys[i]) for i in todo[g:g + PART_IMAGES]]) for g in range(0, len(todo), PART_IMAGES)]
+    units = []
+    for name, (_, dataset) in splits.items():
+        keys = store.hashes(dataset.paths)  # content hashes, memoised when the run was identified
+        todo = [i for i in range(len(dataset)) if i not in done[name]]
+        tag = () if name == "test" else (name,)
+        units += [(unit_config, [(i, keys[i], *tag) for i in todo[g:g + PART_IMAGES]])
+                  for g in range(0, len(todo), PART_IMAGES)]
+    unit_split = [("test" if len(items[0]) == 2 else items[0][2]) for _, items in units]
 
-    def finished(_: int, rows: list[tuple[int, np.ndarray, str | None, list[int]]]) -> None:
+    def finished(index: int, rows: list[tuple[int, np.ndarray, str | None, list[int]]]) -> None:
+        name = unit_split[index]
+        prefix, dataset = splits[name]
         for i, _row, reason, shape in rows:
             if reason is not None:
-                excluded.append((str(test.path(i)), reason))
+                excluded.append((str(dataset.path(i)), reason))
             resolution[:] = shape or resolution
         positions = [i for i, *_ in rows]
         stacked = np.stack([row for _, row, *_ in rows])
-        write_npz(parts / f"certify-{positions[0]:07d}.npz", positions=np.asarray(positions), rows=stacked)
-        done.update(zip(positions, stacked, strict=True))
+        write_npz(parts / f"{prefix}-{positions[0]:07d}.npz", positions=np.asarray(positions), rows=stacked)
+        done[name].update(zip(positions, stacked, strict=True))
 
     map_units(certify_images, units, config.executor, address=config.address, workers=config.ray_workers,
-              on_done=finished, description=f"certifying sigma {config.sigma:g} ({len(done)} of {len(test)} done "
-                                            "before)" if done else f"certifying sigma {config.sigma:g}",
+              on_done=finished, description=f"certifying sigma {config.sigma:g} ({len(done['test'])} of {len(test)} "
+                                            "test images done before)" if done["test"] else
+                                            f"certifying sigma {config.sigma:g}",
               progress=config.progress, gpus=gpu_share(config.device))
     if not resolution:  # resumed with every image done: the input shape of the backbone
         size = pixel_transform(_setup(config).backbone.image_transform())
         resolution = list(size.to_pixels(Image.new("RGB", (8, 8))).shape)
-    config.check_readable(excluded, f"the test split ({test.root})")
-    return _outputs(config, directory, test, done, resolution)
+    config.check_readable(excluded, f"the test split ({test.root})" + (" or the calibration split"
+                                                                         if setup.calib is not None else ""))
+    outputs = _outputs(config, directory, test, done["test"], resolution)
+    if setup.calib is not None:  # the smoothed probabilities of the calibration images, as log p̄
+        calib = setup.calib
+        keep = [i for i in range(len(calib)) if not np.isnan(done["calibration"][i][0])]
+        c = calib.num_classes
+        mean_probs = np.stack([done["calibration"][i][6 + c:6 + 2 * c] for i in keep])
+        outputs.calib_logits = np.log(np.clip(mean_probs, 1e-300, None))
+        outputs.calib_labels = calib.labels[keep]
+        outputs.calib_files = [calib.files[i] for i in keep]
+    return outputs
 
 
 def _outputs(config: CertifyRunConfig, directory: RunDirectory, test: Any, done: dict[int, np.ndarray],
