@@ -29,7 +29,7 @@ ALLOWED = {
     "methods": {"backbones", "prompts", "objective", "losses", "progress"},
     "runs": {"metrics", "losses", "files", "progress", "backbones", "calibrators", "decisions", "plots", "objective",
              "data", "prompts", "methods"},
-    "demo": {"runs", "metrics", "files", "calibrators", "plots", "data", "backbones", "objective"},
+    "demo": {"runs", "metrics", "files", "calibrators", "decisions", "plots", "data", "backbones", "objective"},
     "cli": {"runs", "metrics", "files", "calibrators", "decisions", "plots", "data", "backbones", "objective", "demo"},
     "__main__": {"cli"},  # python -m calibprompt
 }

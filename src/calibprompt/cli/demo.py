@@ -6,13 +6,22 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from calibprompt.cli.common import out_dir
 from calibprompt.cli.options import default_of, help_with_default
 from calibprompt.demo.calibration import run_calibration_demo
-from calibprompt.demo.pipeline import CERTIFY_VARIANTS, FULL_METHODS, run_demo
+from calibprompt.demo.pipeline import (
+    CALIBRATION_PER_CLASS,
+    CERTIFY_VARIANTS,
+    CONFORMAL,
+    FULL_METHODS,
+    REFERRAL,
+    DemoReport,
+    run_demo,
+)
 from calibprompt.runs.tuning import TUNED_SUFFIX
 
 #: Short names of the full fine-tuning rows (the table stays within 80 columns).
@@ -44,6 +53,34 @@ def _simulated(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _display(method: str) -> str:
+    """How the demo's tables name a report row."""
+    base = method.removesuffix(TUNED_SUFFIX)
+    name = FULL_METHODS.get(base) or (f"full-FT {FINETUNE_NAMES[base[5:]]}" if base.startswith("full-")
+                                      else base.replace("tpt-", "test-time "))
+    return name + (", tuned" if base != method else "")
+
+
+def _decisions_table(report: DemoReport) -> Table:
+    """The decision rules of each prompt row on test, mean ± std over seeds (in %)."""
+    def stat(values: list[float]) -> str:
+        return "—" if not values else f"{100 * np.mean(values):.1f}±{100 * np.std(values):.1f}"
+
+    table = Table(title=f"decisions fitted on each run's {4 * CALIBRATION_PER_CLASS}-image calibration split: referral "
+                        f"with error ≤ {REFERRAL['max_error']:g} w.p. {REFERRAL['confidence']:g} (kept % of test, err % "
+                        f"among kept, seeds with no threshold), {CONFORMAL['score'].upper()} sets at coverage "
+                        f"{CONFORMAL['coverage']:g} (cov %, mean size)")
+    table.add_column("method", no_wrap=True)
+    for col in ("kept %", "err %", "none", "cov %", "size"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for line in report.decisions:
+        suffix = " + TS" if line["probabilities"] == "temperature" else ""
+        table.add_row(_display(line["method"]) + suffix, stat(line["coverage"]), stat(line["selective_error"]),
+                      f"{line['unreachable']}/{len(line['coverage'])}", stat(line["set_coverage"]),
+                      f"{np.mean(line['set_size']):.2f}")
+    return table
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     console = Console()
     out_dir(args.out, "--out")
@@ -65,12 +102,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      f"{100 * stats['mean_confidence']['mean']:.1f}",  # above acc % = overconfident
                      f"{100 * stats['ece']['mean']:.1f}±{100 * stats['ece']['std']:.1f}"]
             cells += [f"{stats[k]['mean']:.3f}" for k in ("brier", "nll")]
-            base = row.method.removesuffix(TUNED_SUFFIX)
-            name = FULL_METHODS.get(base) or (f"full-FT {FINETUNE_NAMES[base[5:]]}" if base.startswith("full-")
-                                              else base.replace("tpt-", "test-time "))
-            name += ", tuned" if base != row.method else ""
-            table.add_row(name + suffix, *cells)
+            table.add_row(_display(row.method) + suffix, *cells)
     console.print(table)
+    if report.decisions:
+        console.print(_decisions_table(report))
     for variant, cert in report.certification.items():
         acc = cert["certified_accuracy"]
         console.print(f"certified ({CERTIFY_VARIANTS[variant]}, {cert['images']} images, n = {cert['n']}, "

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from calibprompt.decisions import fit_conformal, fit_referral, referral_outcome, set_outcome
 from calibprompt.demo.tissue import write_demo_dataset
 from calibprompt.objective import PRESETS
 from calibprompt.plots import plot_certified_accuracy
@@ -31,6 +32,13 @@ from calibprompt.runs import (
     build_report,
     execute_run,
     execute_runs,
+    load_run,
+)
+from calibprompt.runs.decide import (
+    PROBABILITIES,
+    decision_probabilities,
+    run_conformal,
+    run_referral,
 )
 from calibprompt.runs.tuning import TUNED_SUFFIX
 
@@ -49,6 +57,12 @@ CERTIFY_VARIANTS = {"entropy": "PromptSmooth (entropy)", "entropy+as": "PromptSm
 TUNED_METHODS = ("calibprompt",)
 #: ``--full``: test-time methods also run with ``--tune auto`` (lambda, SoC's delta).
 TUNED_TPT_METHODS = ("ctpt", "soc")
+#: The demo's labelled splits of the 32 train-pool images per class left after the 8 shots (the
+#: defaults: 16 tuning and 16 calibration images per class).
+TUNING_PER_CLASS, CALIBRATION_PER_CLASS = 16, 16
+#: The demo's decision rules, fitted on each prompt run's calibration split.
+REFERRAL = {"max_error": 0.15, "confidence": 0.9}
+CONFORMAL = {"coverage": 0.9, "score": "aps"}
 #: ``--full``: full fine-tuning (the paper's lr 2e-7) with CE and with CalibPrompt's objective.
 FINETUNE_METHODS = ("ce", "calibprompt")
 
@@ -62,6 +76,8 @@ class DemoReport:
     n_test: int
     #: test-time step -> the certification entry of its run's metrics (see :data:`CERTIFY_DEMO`)
     certification: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: one line per (row, probabilities): the decision rules' test outcome over seeds (:func:`_decisions`)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run_demo(
@@ -77,18 +93,19 @@ def run_demo(
     data_root = out / "data"
     if not (data_root / "demo" / "classnames.txt").is_file():
         write_demo_dataset(data_root, per_class={"train": 40, "test": 150})
+    sizes = {"val_per_class": TUNING_PER_CLASS, "calib_per_class": CALIBRATION_PER_CLASS}
     configs = [PromptRunConfig(backbone="demo", dataset="demo", root=str(data_root), method=method, shots=shots,
                                seed=seed, views=views, epochs=epochs, n_bins=n_bins, cache=str(out / "cache"),
-                               workers=0, progress=progress)
+                               workers=0, progress=progress, **sizes)
                for seed in seeds for method in (FULL_METHODS if full else DEMO_METHODS)]
     configs += [PromptRunConfig(backbone="demo", dataset="demo", root=str(data_root), method=method, shots=shots,
                                 seed=seed, views=views, epochs=epochs, n_bins=n_bins, cache=str(out / "cache"),
-                                workers=0, progress=progress, tune="auto")
+                                workers=0, progress=progress, tune="auto", **sizes)
                 for seed in seeds for method in TUNED_METHODS]
     if full:
         configs += [PromptRunConfig(backbone="demo", dataset="demo", root=str(data_root), method=method, shots=shots,
                                     seed=seed, regime="full", epochs=epochs, n_bins=n_bins, cache=str(out / "cache"),
-                                    workers=0, progress=progress)
+                                    workers=0, progress=progress, **sizes)
                     for seed in seeds for method in FINETUNE_METHODS]
         configs += [TPTRunConfig(backbone="demo", dataset="demo", root=str(data_root), method=method, seed=seed,
                                  cache=str(out / "cache"), workers=0, progress=progress)
@@ -102,6 +119,10 @@ def run_demo(
     for config in [*configs, *certifications]:  # every seed and option checked before the first run
         config.resolved() if isinstance(config, TPTRunConfig) else config.validate()
     runs = [result.directory for result in execute_runs(configs, out / "runs")]  # lockstep groups
+    prompt_runs = [load_run(d) for d, c in zip(runs, configs, strict=True) if isinstance(c, PromptRunConfig)]
+    for run in prompt_runs:  # the decision rules, stored in each run (the report's Decisions section)
+        run_referral(run, **REFERRAL)
+        run_conformal(run, **CONFORMAL)
     rows, written = build_report(out / "runs", out=out, runs=runs, n_bins=n_bins, n_resamples=n_resamples)
     certification = {variant: execute_run(config, out / "runs").metrics["certification"]
                       for variant, config in zip(CERTIFY_VARIANTS, certifications, strict=True)}
@@ -117,4 +138,32 @@ def run_demo(
              *(f"tpt-{m}" for m in TPT_METHODS), *(f"tpt-{m}{TUNED_SUFFIX}" for m in TUNED_TPT_METHODS)]
     rows = sorted(rows, key=lambda r: order.index(r.method))
     n_test = json.loads((runs[0] / "metrics.json").read_text())["uncalibrated"]["n_samples"]
-    return DemoReport(rows, out, time.perf_counter() - start, written, n_test, certification)
+    return DemoReport(rows, out, time.perf_counter() - start, written, n_test, certification,
+                      _decisions(rows, prompt_runs))
+
+
+def _decisions(rows: list[Any], runs: list[Any]) -> list[dict[str, Any]]:
+    """Per report row of prompt runs and per probabilities (the model's, and temperature-scaled
+    -- T fitted on the same calibration split, so that row's guarantee is approximate): the
+    referral rule's test coverage, error among accepted and the seeds without a certified
+    threshold; the conformal sets' test coverage and mean size. Mean and std over seeds."""
+    by_directory = {Path(run.directory): run for run in runs}
+    out = []
+    for row in rows:
+        seeds = [by_directory[Path(d)] for d in row.directories if Path(d) in by_directory]
+        if not seeds:
+            continue
+        for probabilities in PROBABILITIES:
+            referral, sets = [], []
+            for run in seeds:
+                arrays = decision_probabilities(run, probabilities)
+                rule = fit_referral(arrays["calib_probs"], arrays["calib_labels"], **REFERRAL)
+                referral.append(referral_outcome(rule, arrays["test_probs"], arrays["test_labels"]))
+                fitted = fit_conformal(arrays["calib_probs"], arrays["calib_labels"], **CONFORMAL)
+                sets.append(set_outcome(fitted.predict(arrays["test_probs"]), arrays["test_labels"]))
+            errors = [r["selective_error"] for r in referral if r["selective_error"] is not None]
+            out.append({"method": row.method, "probabilities": probabilities,
+                        "coverage": [r["coverage"] for r in referral], "selective_error": errors,
+                        "unreachable": sum(r["selective_error"] is None for r in referral),
+                        "set_coverage": [s["coverage"] for s in sets], "set_size": [s["mean_size"] for s in sets]})
+    return out
