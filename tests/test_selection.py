@@ -107,3 +107,31 @@ def test_constrained_ece_is_the_lowest_ece_within_one_accuracy_point(monkeypatch
     top = max(c["scores"]["accuracy"] for c in result.candidates)
     assert told == pytest.approx([c["scores"]["ece"] + max(0.0, top - 0.01 - c["scores"]["accuracy"])
                                   for c in result.candidates])
+
+
+def test_a_repeated_proposal_is_not_evaluated_again():
+    """TPE may propose a choice again when the grid exceeds the budget: it is scored from the
+    first time, counts as a trial, and the candidates hold each value once."""
+    evaluated = []
+
+    def evaluate(proposals):
+        evaluated.extend(_key(p) for p in proposals)
+        return [{"nll": (p["a"] - 2) ** 2} for p in proposals]
+
+    result = search(parse_space(["a=1,2,3,4,5,6"]), evaluate, trials=5, seed=0, batch=4)  # 6 choices > 5 trials
+    assert result.sampler == "tpe" and len(evaluated) == len(set(evaluated)) == len(result.candidates)
+    assert result.repeats == 5 - len(result.candidates) and result.to_dict()["repeated_proposals"] == result.repeats
+    assert result.repeats > 0  # seed 0 proposes a value twice
+
+
+def _key(values):
+    return tuple(sorted(values.items()))
+
+
+def test_constrained_ece_tolerates_one_image_when_that_is_more_than_a_point():
+    candidates = [{"values": {"a": 1.0}, "scores": {"accuracy": 0.90, "ece": 0.05, "n": 64.0}},
+                  {"values": {"a": 2.0}, "scores": {"accuracy": 0.90 - 1 / 64, "ece": 0.02, "n": 64.0}},
+                  {"values": {"a": 3.0}, "scores": {"accuracy": 0.90 - 2 / 64, "ece": 0.01, "n": 64.0}}]
+    assert choose(candidates, "constrained-ece") == 1  # one image below the best: eligible; two: not
+    without_n = [{**c, "scores": {k: v for k, v in c["scores"].items() if k != "n"}} for c in candidates]
+    assert choose(without_n, "constrained-ece") == 0  # 1 point only

@@ -4,6 +4,7 @@ chosen candidate equal to a run of the chosen objective."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -215,9 +216,11 @@ def test_report_shows_each_seeds_choice_beside_the_papers_value(roots, tmp_path,
     text = written["markdown"].read_text()
     section = text[text.index("## Hyperparameters chosen"):]
     row = next(line for line in section.splitlines() if "| alpha |" in line)
-    assert f"| {chosen[1]['alpha']:.4g}, {chosen[2]['alpha']:.4g} | 1, 2 | tuning split (nll) | 0.05 |" in row
+    assert f"| alpha=0.02,0.2 (16 trials) | {chosen[1]['alpha']:.4g}, {chosen[2]['alpha']:.4g} | 1, 2 | tuning split (nll) "\
+           "| 0.05 |" in row
     lines = written["tuning_csv"].read_text().splitlines()
-    assert lines[0] == "backbone,dataset,method,hyperparameter,seed,chosen,scored_on,metric,paper,paper_source"
-    weights = [line.split(",") for line in lines[1:] if ",weight," in line]
-    assert [(int(w[4]), float(w[5]), float(w[8])) for w in weights] == [(1, chosen[1]["weight"], 0.5),
-                                                                       (2, chosen[2]["weight"], 0.5)]
+    assert lines[0] == ("backbone,dataset,method,experiment,hyperparameter,search,trials,seed,chosen,scored_on,metric,"
+                        "paper,paper_source")
+    weights = [row for row in csv.reader(lines[1:]) if row[4] == "weight"]
+    assert [(w[5], int(w[7]), float(w[8]), float(w[11])) for w in weights] == [
+        ("weight=0.1,3", 1, chosen[1]["weight"], 0.5), ("weight=0.1,3", 2, chosen[2]["weight"], 0.5)]

@@ -128,6 +128,8 @@ def label_smoothing(
 def focal(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 3.0) -> torch.Tensor:
     """Focal loss (Lin et al. 2017; Mukhoti et al. 2020): ``mean_i -(1 - p_iy)^gamma log p_iy``."""
     _check_logits_labels(logits, labels, "focal")
+    if not gamma >= 0:
+        raise ValueError(f"focal: gamma must be >= 0, got {gamma}")
     log_pt = F.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
     return (-((1.0 - log_pt.exp()) ** gamma) * log_pt).mean()
 
@@ -138,6 +140,8 @@ def mbls(
     """Margin-based label smoothing (Liu et al. 2022):
     ``CE + alpha * mean_{i,c} ReLU(max_c z_ic - z_ic - margin)`` (includes CE)."""
     _check_logits_labels(logits, labels, "mbls")
+    if not (margin >= 0 and alpha >= 0):
+        raise ValueError(f"mbls: margin and alpha must be >= 0, got {margin} and {alpha}")
     gaps = logits.max(dim=1, keepdim=True).values - logits
     return F.cross_entropy(logits, labels) + alpha * F.relu(gaps - margin).mean()
 
@@ -148,6 +152,8 @@ def logit_norm(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 
     With ``tau = 1`` (as in the CalibPrompt runs) the logit scale is removed entirely.
     """
     _check_logits_labels(logits, labels, "logit_norm")
+    if not temperature > 0:
+        raise ValueError(f"logit_norm: temperature must be > 0, got {temperature}")
     norms = torch.linalg.vector_norm(logits, dim=-1, keepdim=True) + 1e-7
     return F.cross_entropy(logits / (temperature * norms), labels)
 
@@ -181,6 +187,8 @@ def smac(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.05) -> tor
     c = _check_logits_labels(logits, labels, "smac")
     if c < 2:
         raise ValueError("smac: needs C >= 2 classes")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"smac: alpha must be in [0, 1], got {alpha}")
     f = _class_frequency(labels, c, logits.dtype)
     target = f * (1.0 - alpha) + (1.0 - f) * (alpha / (c - 1))
     return (F.softmax(logits, dim=-1).mean(dim=0) - target).abs().mean()

@@ -363,6 +363,16 @@ class Objective:
         assert total is not None
         return ObjectiveResult(total=total, terms=values)
 
+    def check_values(self) -> None:
+        """Evaluate every term once on tiny fixed inputs (4 images, 3 classes), so that a
+        hyperparameter out of its loss's range (a label-smoothing alpha outside [0, 1], a negative
+        focal gamma) fails here, before any work, with the loss's own message."""
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        text = torch.nn.functional.normalize(torch.randn(3, 8, generator=g, dtype=torch.float64), dim=-1)
+        self(logits=logits, labels=torch.tensor([0, 1, 2, 0]), text_features=text,
+             zs_logits=torch.randn(4, 3, generator=g, dtype=torch.float64))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly description (stored in run configs)."""
         return {

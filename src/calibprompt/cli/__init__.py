@@ -4,6 +4,7 @@ commands, flags of run commands generated from the run configs (:mod:`.options`)
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -39,7 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in MODULES:
         module.register(add)
+    #: command -> {dest: its long flag}, so that an error naming a field names the flag instead
+    parser.flags = {name: {a.dest: a.option_strings[-1] for a in command._actions
+                           if a.option_strings and a.option_strings[-1].startswith("--")}
+                    for name, command in sub.choices.items()}
     return parser
+
+
+def _flag_named(message: str, flags: dict[str, str]) -> str:
+    """``"tune_folds: expected ..."`` -> ``"--tune-folds: expected ..."`` when ``tune_folds`` is a
+    flag of the command (the library names its fields; the command line user typed flags)."""
+    match = re.match(r"([a-z][a-z0-9_]*)(:| )", message)
+    if match and match.group(1) in flags:
+        return flags[match.group(1)] + message[len(match.group(1)):]
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (CLIError, ValueError) as exc:  # validation errors of the library name the bad input
-        print(f"calibprompt {args.command}: error: {exc}", file=sys.stderr)
+        message = _flag_named(str(exc), getattr(parser, "flags", {}).get(args.command, {}))
+        print(f"calibprompt {args.command}: error: {message}", file=sys.stderr)
         return 2
     except OSError as exc:  # a read-only or full disk, a path that is not writable: outputs are atomic
         where = f"{exc.filename}: " if exc.filename else ""

@@ -46,7 +46,8 @@ train split). Every method run with the same --seed sees the same cached
 views; each method writes its own run directory, a finished one is skipped (--force), an
 interrupted one resumes. --calib-per-class N also adapts a calibration split of the train pool
 (temperature scaling is fitted there; calibrate needs it); --val-per-class N a tuning split,
-on which --tune auto chooses lam (and SoC's delta): every candidate adapts it, scored by NLL.""",
+on which --tune auto chooses lam (and SoC's delta): every candidate adapts it, scored by
+--tune-metric (NLL by default).""",
     "certify": """examples:
   calibprompt certify --backbone plip --dataset kather --root ~/data --sigma 0.1 0.25 0.5 1.0
   calibprompt certify --backbone plip --dataset kather --root ~/data --prompt runs/kather/plip/ce/8shot-seed1-0123456789

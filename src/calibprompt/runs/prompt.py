@@ -14,6 +14,7 @@ Files of a prompt run besides the common ones (:mod:`calibprompt.runs.directory`
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -62,6 +63,7 @@ from calibprompt.runs.identity import RunIdentity, run_name
 from calibprompt.runs.tuning import (
     TUNED_SUFFIX,
     check_tuning_options,
+    check_untuned,
     identity_fields,
     run_search,
     search_option,
@@ -273,9 +275,7 @@ class PromptRunConfig(RunConfigBase):
 
     def _validate_tuning(self) -> None:
         if not self.tune:
-            for name, value in (("--search", self.search), ("--tune-folds", self.tune_folds)):
-                if value is not None:
-                    raise ValueError(f"{name} applies to --tune auto")
+            check_untuned(self, ("tune_folds",))
             names = [] if self.zero_shot else placeholders(self.method)
             if names:
                 shown = ", ".join("?" + n for n in names)
@@ -292,8 +292,18 @@ class PromptRunConfig(RunConfigBase):
             raise ValueError(f"tune_folds: expected an integer >= 2 (folds of the cross-validation), got "
                              f"{self.tune_folds!r}")
         template, space = self.objective_template()
-        probe = {n: d.choices[0] if d.choices is not None else d.low for n, d in space.items()}
-        Objective.parse(bind(template, probe))  # unknown losses, keywords or types fail here
+        lowest = {n: d.choices[0] if d.choices is not None else d.low for n, d in space.items()}
+        for name, d in space.items():  # every end of every range (or every choice) is a valid objective
+            values = d.choices if d.choices is not None else (d.low, d.high)
+            if min(values) < 0 and re.search(rf"\?{name}\s*\*", template):
+                raise ValueError(f"--search {d}: ?{name} weights a term; expected values >= 0 (a negative weight "
+                                 "turns the term around -- write the minus sign into the objective instead)")
+            for value in values:
+                try:
+                    Objective.parse(bind(template, {**lowest, name: value})).check_values()
+                except ValueError as exc:
+                    raise ValueError(f"--search {d}: {name}={value:g} is outside what the objective accepts "
+                                     f"({exc})") from None
 
     def effective(self, objective: Any = None, sizes: tuple[int, int] | None = None) -> dict[str, Any]:
         """The fields that determine the result, defaults resolved (``sizes``: the tuning and
@@ -362,6 +372,8 @@ class PromptRunConfig(RunConfigBase):
         head += [f"{k}{v:g}" for k, v in (("alpha", self.alpha), ("weight", self.weight)) if v is not None]
         if self.noise_sigmas is not None:
             head.append("noise" + "-".join(f"{v:g}" for v in sorted(self.noise_sigmas)))
+        if self.tune_folds is not None:
+            head.append(f"folds{self.tune_folds}")
         name = run_name(head, effective, defaults, identity.run_id,
                         skip=("method", "backbone", "dataset", "seed", "shots", "objective"))
         method = f"full-{self.method}" if self.full else self.method  # how reports name the row

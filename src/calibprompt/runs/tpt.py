@@ -62,6 +62,7 @@ from calibprompt.runs.identity import RunIdentity, run_name
 from calibprompt.runs.tuning import (
     TUNED_SUFFIX,
     check_tuning_options,
+    check_untuned,
     identity_fields,
     run_search,
     search_option,
@@ -157,7 +158,8 @@ class TPTRunConfig(RunConfigBase):
                                default_text="all")
     val_per_class: int | None = option(None, help="also adapt N tuning images per class of the train pool (for "
                                                   "hyperparameter selection; called validation before the calibration "
-                                                  "split existed)", metavar="N", default_text="none")
+                                                  "split existed)", metavar="N",
+                                       default_text="none; with --tune auto max(4, 64 / classes)")
     calib_per_class: int | None = option(None, help="also adapt N calibration images per class of the train pool, "
                                                     "disjoint from the tuning split (temperature scaling is fitted "
                                                     "there)", metavar="N", default_text="none")
@@ -191,8 +193,8 @@ class TPTRunConfig(RunConfigBase):
             if self.lam is not None or self.delta is not None:
                 raise ValueError("--lam/--delta fix what --tune auto would choose; give one or the other")
             self.search_space()
-        elif self.search is not None:
-            raise ValueError("--search applies to --tune auto")
+        else:
+            check_untuned(self)
         defaults = {**PROTOCOLS[self.protocol], "lam": 0.0, "delta": losses.SOC_DELTA,
                     **METHOD_DEFAULTS[self.method]}
         if self.method == "zeroshot":

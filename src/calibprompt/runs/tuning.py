@@ -74,6 +74,15 @@ def check_tuning_options(config: Any) -> None:
         raise ValueError(f"tune_metric: expected one of {', '.join(SCORES)}, got {config.tune_metric!r}")
 
 
+def check_untuned(config: Any, extra: tuple[str, ...] = ()) -> None:
+    """A run without ``--tune auto`` rejects the options only a search reads (``search``,
+    ``extra``, and ``trials`` / ``tune_metric`` when changed from their defaults)."""
+    given = [name for name in ("search", *extra) if getattr(config, name) is not None]
+    given += [name for name, default in (("trials", TRIALS), ("tune_metric", "nll")) if getattr(config, name) != default]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to --tune auto")
+
+
 def identity_fields(space: dict[str, Dimension], trials: int, metric: str) -> dict[str, Any]:
     """What a search adds to a tuned run's identity (the values it chooses leave it)."""
     return {"search": [str(d) for d in space.values()], "trials": trials, "tune_metric": metric,
@@ -82,9 +91,10 @@ def identity_fields(space: dict[str, Dimension], trials: int, metric: str) -> di
 
 def tuning_scores(logits: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, float]:
     """The scores of one candidate's predictions: NLL, Brier, ECE (``n_bins`` equal-width bins) and
-    accuracy of ``softmax(logits)`` (the float64 metrics of :func:`calibprompt.metrics.evaluate`)."""
+    accuracy of ``softmax(logits)`` (the float64 metrics of :func:`calibprompt.metrics.evaluate`),
+    and ``n``, the number of images scored."""
     measured = evaluate(softmax(np.asarray(logits, dtype=np.float64), axis=1), np.asarray(labels), n_bins=n_bins)
-    return {k: float(measured[k]) for k in ("nll", "brier", "ece", "accuracy")}
+    return {**{k: float(measured[k]) for k in ("nll", "brier", "ece", "accuracy")}, "n": float(len(labels))}
 
 
 class CandidateStore:
@@ -128,14 +138,17 @@ def run_search(directory: RunDirectory, space: dict[str, Dimension], evaluate_ba
     for candidates not checkpointed by an interrupted call. Returns the result and the chosen
     candidate's checkpoint (``values``, ``scores``, ``tensors``, ``info``). One progress bar."""
     store = CandidateStore(directory)
-    count = 0
+    count = reused = 0
 
     def scored(proposals: list[dict[str, float]]) -> list[dict[str, float]]:
-        nonlocal count
+        nonlocal count, reused
         first = count
         count += len(proposals)
         found = {i: store.get(first + i, values) for i, values in enumerate(proposals)}
         todo = [i for i, record in found.items() if record is None]
+        reused += len(proposals) - len(todo)
+        if reused:
+            bar.update(task, description=f"{label} ({reused} finished before, resumed)")
         if todo:
             for i, (scores, tensors, info) in zip(todo, evaluate_batch([proposals[i] for i in todo]), strict=True):
                 store.put(first + i, proposals[i], scores, tensors, info)
@@ -146,6 +159,7 @@ def run_search(directory: RunDirectory, space: dict[str, Dimension], evaluate_ba
     with rate_progress(progress, unit="candidates") as bar:
         task = bar.add_task(label, total=trials, rate="-")
         result = search(space, scored, trials=trials, metric=metric, seed=seed, batch=TUNE_BATCH)
+        bar.update(task, completed=trials)  # repeated proposals are trials that trained nothing
     chosen = store.get(result.chosen["index"], result.chosen["values"])
     assert chosen is not None, "the chosen candidate was checkpointed"
     return result, chosen

@@ -109,7 +109,8 @@ def paper_hyperparameters(backbone: str, dataset: str, method: str) -> dict[str,
 
 def tuning_lines(rows: list[Any], groups: list[Any]) -> list[dict[str, Any]]:
     """For every report row whose runs chose hyperparameters (``--tune auto``): one line per
-    hyperparameter with the value chosen for each seed, what the choice was scored on and by which
+    hyperparameter with its search range and the row's experiment id (rows with other search
+    spaces differ there), the value chosen for each seed, what the choice was scored on and by which
     metric, and the paper's value for this backbone x dataset where one exists
     (:func:`paper_hyperparameters`; None elsewhere)."""
     out = []
@@ -122,8 +123,11 @@ def tuning_lines(rows: list[Any], groups: list[Any]) -> list[dict[str, Any]]:
         where = (f"{first['folds']}-fold cross-validation" if first.get("split") == "cross-validation"
                  else "tuning split")
         for name in first["chosen"]:
+            space = group.first.flat.get("config.search") or []
             out.append({"backbone": row.backbone, "dataset": row.dataset, "method": row.method, "slug": row.slug,
-                        "hyperparameter": name, "seeds": [s for s, _ in tuned],
+                        "experiment": row.experiment_id[:12], "hyperparameter": name,
+                        "search": " ".join(str(d) for d in space if str(d).startswith(f"{name}=")),
+                        "trials": group.first.flat.get("config.trials"), "seeds": [s for s, _ in tuned],
                         "chosen": [t["chosen"].get(name) for _, t in tuned], "scored_on": where,
                         "metric": first["metric"], "paper": paper.get(name),
                         "paper_source": CALIBPROMPT_HYPERPARAMETERS_SOURCE if name in paper else ""})

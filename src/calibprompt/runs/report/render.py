@@ -487,23 +487,24 @@ def _tuning_markdown(lines: list[dict[str, Any]]) -> list[str]:
            "cross-validation over the few-shot and tuning images); every candidate is in the run's `tuning.json`. "
            "Paper: the value published for this backbone and dataset, where there is one -- chosen there against "
            "test results, so not a value a new dataset could have.", ""]
-    table = [(r["backbone"], r["dataset"], r["method"], r["hyperparameter"],
-              ", ".join(f"{v:.4g}" for v in r["chosen"]), ", ".join(map(str, r["seeds"])),
-              f"{r['scored_on']} ({r['metric']})", "—" if r["paper"] is None else f"{r['paper']:g}") for r in lines]
-    out += _md_table(["backbone", "dataset", "method", "hyperparameter", "chosen", "seeds", "chosen on", "paper"],
-                     table)
+    table = [(r["backbone"], r["dataset"], r["method"], r["experiment"], r["hyperparameter"],
+              f"{r['search']} ({r['trials']} trials)", ", ".join(f"{v:.4g}" for v in r["chosen"]),
+              ", ".join(map(str, r["seeds"])), f"{r['scored_on']} ({r['metric']})",
+              "—" if r["paper"] is None else f"{r['paper']:g}") for r in lines]
+    out += _md_table(["backbone", "dataset", "method", "experiment", "hyperparameter", "searched", "chosen", "seeds",
+                      "chosen on", "paper"], table)
     return out
 
 
-_TUNING_COLUMNS = ["backbone", "dataset", "method", "hyperparameter", "seed", "chosen", "scored_on", "metric", "paper",
-                   "paper_source"]
+_TUNING_COLUMNS = ["backbone", "dataset", "method", "experiment", "hyperparameter", "search", "trials", "seed",
+                   "chosen", "scored_on", "metric", "paper", "paper_source"]
 
 
 def _tuning_csv(lines: list[dict[str, Any]]) -> str:
     """One line per tuned run and hyperparameter (``report_tuning.csv``)."""
-    return _csv(_TUNING_COLUMNS, ([r["backbone"], r["dataset"], r["method"], r["hyperparameter"], seed, value,
-                                   r["scored_on"], r["metric"], "" if r["paper"] is None else r["paper"],
-                                   r["paper_source"]]
+    return _csv(_TUNING_COLUMNS, ([r["backbone"], r["dataset"], r["method"], r["experiment"], r["hyperparameter"],
+                                   r["search"], r["trials"], seed, value, r["scored_on"], r["metric"],
+                                   "" if r["paper"] is None else r["paper"], r["paper_source"]]
                                   for r in lines for seed, value in zip(r["seeds"], r["chosen"], strict=True)))
 
 
