@@ -82,6 +82,15 @@ def test_pipeline_end_to_end(tmp_path):
         tuning = json.loads((d / "tuning.json").read_text())
         assert len(tuning["candidates"]) == 16 and set(tuning["chosen"]["values"]) == {"alpha", "weight"}
     assert "## Hyperparameters chosen without the test set" in (tmp_path / "report.md").read_text()
+    # the decision rules: fitted on every prompt run's calibration split, in the report and the table
+    for row in report.rows:
+        for d in row.directories:
+            referral = json.loads((d / "referral.json").read_text())
+            assert referral["sizes"]["calibration"] == 320 and referral["max_error"] == 0.1
+            assert json.loads((d / "conformal.json").read_text())["score"] == "aps"
+    assert "## Decisions" in (tmp_path / "report.md").read_text()
+    assert [(line["method"], line["probabilities"]) for line in report.decisions] == [
+        (m, p) for m in ("zeroshot", "ce", "calibprompt", "calibprompt (tuned)") for p in ("model", "temperature")]
     # the small certification: both PromptSmooth variants, numbers consistent with their own table
     assert set(report.certification) == {"entropy", "entropy+as"}
     for cert in report.certification.values():

@@ -57,11 +57,13 @@ CERTIFY_VARIANTS = {"entropy": "PromptSmooth (entropy)", "entropy+as": "PromptSm
 TUNED_METHODS = ("calibprompt",)
 #: ``--full``: test-time methods also run with ``--tune auto`` (lambda, SoC's delta).
 TUNED_TPT_METHODS = ("ctpt", "soc")
-#: The demo's labelled splits of the 32 train-pool images per class left after the 8 shots (the
-#: defaults: 16 tuning and 16 calibration images per class).
-TUNING_PER_CLASS, CALIBRATION_PER_CLASS = 16, 16
+#: Generated images per class: the train pool holds the 8 shots, a 16-image tuning split and an
+#: 80-image calibration split per class (320 calibration images: enough for referral thresholds
+#: with a guarantee, which need at least 53 accepted images at error 0.1, confidence 0.9).
+DATA_PER_CLASS = {"train": 104, "test": 150}
+TUNING_PER_CLASS, CALIBRATION_PER_CLASS = 16, 80
 #: The demo's decision rules, fitted on each prompt run's calibration split.
-REFERRAL = {"max_error": 0.15, "confidence": 0.9}
+REFERRAL = {"max_error": 0.1, "confidence": 0.9}
 CONFORMAL = {"coverage": 0.9, "score": "aps"}
 #: ``--full``: full fine-tuning (the paper's lr 2e-7) with CE and with CalibPrompt's objective.
 FINETUNE_METHODS = ("ce", "calibprompt")
@@ -92,7 +94,7 @@ def run_demo(
     out = Path(out_dir)
     data_root = out / "data"
     if not (data_root / "demo" / "classnames.txt").is_file():
-        write_demo_dataset(data_root, per_class={"train": 40, "test": 150})
+        write_demo_dataset(data_root, per_class=DATA_PER_CLASS)
     sizes = {"val_per_class": TUNING_PER_CLASS, "calib_per_class": CALIBRATION_PER_CLASS}
     configs = [PromptRunConfig(backbone="demo", dataset="demo", root=str(data_root), method=method, shots=shots,
                                seed=seed, views=views, epochs=epochs, n_bins=n_bins, cache=str(out / "cache"),
