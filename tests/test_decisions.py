@@ -21,6 +21,7 @@ from calibprompt.decisions import (
     referral_outcome,
     set_outcome,
 )
+from calibprompt.decisions.conformal import conformal_scores
 
 
 def simulate(rng: np.random.Generator, n: int, classes: int = 4, scale: float = 2.5):
@@ -56,6 +57,17 @@ def test_referral_guarantee_holds_in_at_least_one_minus_delta_of_repeats():
     assert reached >= 90  # the target is reachable on most draws
     assert violations <= 10
     assert naive_violations >= 30
+
+
+def test_a_threshold_certified_by_the_exact_tail_is_certified():
+    """147 accepted, 5 wrong, target 0.1: the exact tail P(Binom(147, 0.1) <= 5) = 0.0024 is below
+    Holm's first level 0.1 / 26 = 0.0038, so the threshold is certified (a tail evaluated at
+    ceil(147 * (5/147)) = 6, as floating point gives, would be 0.0069 and refuse it)."""
+    p = np.tile([0.9, 0.1], (147, 1))
+    y = np.r_[np.ones(5), np.zeros(142)].astype(int)
+    r = fit_referral(p, y, max_error=0.1, confidence=0.9)
+    assert r.tests[0]["p_value"] == pytest.approx(binom.cdf(5, 147, 0.1)) and r.tests[0]["p_value"] < 0.1 / 26
+    assert r.threshold == 0.0
 
 
 def test_referral_p_values_are_exact_binomial_tails_and_holm_picks_the_lowest_certified():
@@ -100,6 +112,10 @@ def test_referral_edge_cases():
     assert enough.threshold == 0.0
     with pytest.raises(ValueError, match="max_error"):
         fit_referral(p, np.zeros(400, dtype=int), max_error=0)
+    with pytest.raises(ValueError, match="max_error: expected a number"):
+        fit_referral(p, np.zeros(400, dtype=int), max_error="0.1")
+    with pytest.raises(ValueError, match="2 classes"):
+        all_right.accept(np.full((3, 3), 1 / 3))
     with pytest.raises(ValueError, match="confidence"):
         fit_referral(p, np.zeros(400, dtype=int), confidence=1.0)
 
@@ -118,14 +134,20 @@ def test_conformal_coverage_holds_on_average(score):
     ⌈(n + 1)(1 − α)⌉ / (n + 1) = 109/121 = 0.9008 within 3 Monte Carlo standard errors (~0.001),
     and every class reaches 1 − α on average with Mondrian sets."""
     rng = np.random.default_rng(3)
-    marginal, per_class = [], []
+    marginal, per_class, empty = [], [], False
     for _ in range(1000):
         p, y = simulate(rng, 120)
         tp, ty = simulate(rng, 500)
-        marginal.append(set_outcome(fit_conformal(p, y, 0.9, score).predict(tp), ty)["coverage"])
+        outcome = set_outcome(fit_conformal(p, y, 0.9, score).predict(tp), ty)
+        marginal.append(outcome["coverage"])
+        empty = empty or outcome["empty"] > 0
         outcome = set_outcome(fit_conformal(p, y, 0.9, score, mondrian=True).predict(tp), ty)
         per_class.append([c["coverage"] for c in outcome["by_class"].values()])
-    assert abs(np.mean(marginal) - 109 / 121) <= 3 * np.std(marginal) / np.sqrt(1000)
+    error = 3 * np.std(marginal) / np.sqrt(1000)
+    if score == "lac":  # {s <= q}: exactly the split-conformal coverage
+        assert abs(np.mean(marginal) - 109 / 121) <= error
+    else:  # the top label always added (no empty set): at least that; 0.94 / 0.93 in this simulation
+        assert np.mean(marginal) >= 109 / 121 - error and not empty
     assert (np.mean(per_class, axis=0) >= 0.9 - 3 * np.std(per_class, axis=0) / np.sqrt(1000)).all()
 
 
@@ -144,7 +166,10 @@ def test_conformal_scores_against_an_independent_loop():
         true = sorted(expected[np.arange(50), y])
         q = true[math.ceil(51 * 0.8) - 1]
         assert sets.thresholds == (pytest.approx(q),)
-        assert np.array_equal(sets.predict(p), expected <= q + 1e-12)
+        inside = expected <= q + 1e-12
+        if score != "lac":  # APS / RAPS never leave out the top label
+            inside[np.arange(50), p.argmax(1)] = True
+        assert np.array_equal(sets.predict(p), inside)
 
 
 def test_lac_sets_equal_mapie():
@@ -181,6 +206,14 @@ def test_conformal_edge_cases_and_warnings():
     assert mondrian.predict(p)[:, 1:].all()  # too few: always in the set
     tiny = fit_conformal(p[:5], y[:5], 0.9, "aps")
     assert tiny.thresholds == (math.inf,) and tiny.predict(p).all() and tiny.warnings
+    # APS: a confident case whose top probability exceeds the threshold keeps its top label; two
+    # classes: the second label's score is exactly 1 whatever the rounding of the row sum
+    confident = fit_conformal(np.tile([0.6, 0.4], (20, 1)), np.zeros(20, dtype=int), 0.8, "aps")
+    assert confident.thresholds == (pytest.approx(0.6),)
+    assert confident.predict(np.array([[0.97, 0.03]])).tolist() == [[True, False]]
+    rows = np.array([[0.3, 0.7], [0.1 + 0.2, 0.7], [0.7, 0.1 + 0.2]])  # sums 1.0, 1.0000000000000002, ...
+    scores = conformal_scores(rows, "aps")
+    assert (scores.max(1) == 1.0).all()
     # ties in scores: every case identical, the threshold is their common score
     tied = fit_conformal(p, np.zeros(30, dtype=int), 0.9, "lac")
     assert tied.thresholds == (pytest.approx(0.3),) and tied.predict(p)[:, 0].all() and not tied.predict(p)[:, 1:].any()
@@ -190,6 +223,21 @@ def test_conformal_edge_cases_and_warnings():
     assert mondrian.to_dict()["thresholds"][1] is None  # JSON has no infinity
     with pytest.raises(ValueError, match="score"):
         fit_conformal(p, y, 0.9, "thr")
+    for bad, match in ((float("nan"), "raps_lambda"), (-1.0, "raps_lambda")):
+        with pytest.raises(ValueError, match=match):
+            fit_conformal(p, y, 0.9, "raps", raps_lambda=bad)
+    with pytest.raises(ValueError, match="raps_k"):
+        fit_conformal(p, y, 0.9, "raps", raps_k=1.5)
+    with pytest.raises(ValueError, match="classnames"):
+        fit_conformal(p, y, 0.9, classnames=["a"])
+    with pytest.raises(ValueError, match="3 classes"):
+        mondrian.predict(np.array([[0.5, 0.5]]))
+    with pytest.raises(ValueError, match="NaN"):
+        mondrian.predict(np.array([[np.nan, 0.5, 0.5]]))
+    with pytest.raises(ValueError, match="labels"):
+        set_outcome(mondrian.predict(p), np.full(30, -1))
+    with pytest.raises(ValueError, match="labels"):
+        set_outcome(mondrian.predict(p), y[:5])
     with pytest.raises(ValueError, match="coverage"):
         fit_conformal(p, y, 1.5)
     outcome = set_outcome(mondrian.predict(p), y, ["a", "b", "c"])

@@ -41,7 +41,7 @@ thresholds and the test coverage, mean set size, coverage by set size and by cla
 
 def _runs(paths: list[str], probabilities: str) -> list:
     """Every run loaded and checked for calibration predictions before anything is fitted."""
-    runs = [load_run_or_fail(p) for p in paths]
+    runs = list({run.directory.resolve(): run for run in (load_run_or_fail(p) for p in paths)}.values())  # once each
     for run in runs:
         try:
             decision_probabilities(run, probabilities)

@@ -63,7 +63,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     console = Console()
     console.print(written["markdown"].read_text())
     figures = [k for k in written if k.startswith("reliability_")]
-    console.print(f"written: {written['markdown']}, {written['csv']}, {written['latex']} and "
+    extra = "".join(f", {written[k]}" for k in ("per_class_csv", "published_csv", "tuning_csv", "decisions_csv")
+                    if k in written)
+    console.print(f"written: {written['markdown']}, {written['csv']}, {written['latex']}{extra} and "
                   f"{len(figures)} reliability diagram(s)")
     return 0
 
@@ -123,8 +125,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     console.print(f"{len(result.paths)} image(s) classified, {calibrated}: {written['csv']}")
     for name, column in (("referral", "decision (accept/refer)"), ("conformal", "prediction_set")):
         if name in result.decisions:
-            console.print(f"the run's {name} rule applied: column {column}; {result.decisions[name]['guarantee']}",
-                          soft_wrap=True)
+            rule = result.decisions[name]
+            if name == "referral" and rule.get("threshold") is None:
+                console.print("the run's referral rule certified no threshold: every image is referred (column "
+                              "decision)", soft_wrap=True)
+            else:
+                console.print(f"the run's {name} rule applied: column {column}; {rule['guarantee']}", soft_wrap=True)
     for path, reason in result.excluded:
         console.print(f"[yellow]excluded[/] {path}: {reason}")
     return 0
@@ -172,7 +178,8 @@ def register(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     _apply_options(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = add("predict", "apply a finished run to new images; writes OUT/predictions.csv", EXAMPLES["predict"])
+    p = add("predict", "apply a finished run to new images; writes OUT/predictions.csv (with the columns decision "
+                       "and prediction_set when the run has referral / conformal rules)", EXAMPLES["predict"])
     p.add_argument("run", help="a run directory (any method)")
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="directory for predictions.csv and predict.json")

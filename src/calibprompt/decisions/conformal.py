@@ -10,10 +10,14 @@ k > n), and the set of a new case is ``C(x) = {y : s(x, y) ≤ q̂}``. For excha
   ``s(x, y) = 1 − p_y(x)`` -- the smallest sets on average.
 * ``aps`` (adaptive prediction sets, Romano, Sesia & Candès 2020), non-randomised:
   ``s(x, y) = Σ_{j ranked at or above y} p_j(x)`` (classes in decreasing probability, ties by
-  class index) -- sets grow where the model is unsure.
+  class index; rows renormalised and the last cumulative sum set to exactly 1, so that no label's
+  fate depends on the rounding of a row sum) -- sets grow where the model is unsure. The top label
+  is always in the set (a confident case whose top probability exceeds q̂ would otherwise get an
+  empty set); this only adds labels, so the coverage guarantee holds.
 * ``raps`` (regularised APS, Angelopoulos, Bates, Malik & Jordan 2021):
   ``s(x, y) = APS(x, y) + λ · max(0, rank(y) − k_reg)`` -- APS with a penalty on unlikely labels
-  (λ and k_reg fixed options here, not tuned on a split of the calibration data).
+  (λ and k_reg fixed options here, not tuned on a split of the calibration data); the top label
+  is always in the set, as for APS.
 
 Class-conditional (Mondrian) coverage: the threshold of class c comes from the calibration cases
 of class c only (k_c = ⌈(n_c + 1)(1 − α)⌉ among n_c), so ``P(Y ∈ C(X) | Y = c) ≥ 1 − α`` for every
@@ -40,7 +44,13 @@ from typing import Any
 
 import numpy as np
 
-from calibprompt.metrics._validation import ArrayLike, check_probs_labels, to_numpy
+from calibprompt.metrics._validation import (
+    ArrayLike,
+    check_labels,
+    check_probs,
+    check_probs_labels,
+    to_numpy,
+)
 
 __all__ = ["SCORES", "ConformalSets", "conformal_scores", "fit_conformal", "min_per_class", "set_outcome"]
 
@@ -66,8 +76,10 @@ def conformal_scores(probs: np.ndarray, score: str, raps_lambda: float = RAPS_LA
         return 1.0 - p
     if score not in SCORES:
         raise ValueError(f"score: expected one of {', '.join(SCORES)}, got {score!r}")
+    p = p / p.sum(axis=1, keepdims=True)
     order = np.argsort(-p, axis=1, kind="stable")  # decreasing probability, ties by class index
-    cumulative = np.cumsum(np.take_along_axis(p, order, axis=1), axis=1)
+    cumulative = np.minimum(np.cumsum(np.take_along_axis(p, order, axis=1), axis=1), 1.0)
+    cumulative[:, -1] = 1.0  # the whole mass, exactly
     out = np.empty_like(p)
     np.put_along_axis(out, order, cumulative, axis=1)
     if score == "raps":
@@ -101,13 +113,13 @@ class ConformalSets:
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     def predict(self, probs: ArrayLike) -> np.ndarray:
-        """Boolean (N, C): label c is in the set of case i."""
-        p = to_numpy(probs, np.float64)
-        if p.ndim != 2 or p.shape[1] != len(self.class_counts):
-            raise ValueError(f"probs: expected shape (N, {len(self.class_counts)}), got {p.shape}")
+        """Boolean (N, C): label c is in the set of case i (``probs`` validated, (N, C))."""
+        p = check_probs(probs, n_classes=len(self.class_counts))
         q = np.asarray(self.thresholds, dtype=np.float64)
-        return conformal_scores(p, self.score, self.raps_lambda, self.raps_k) <= q[None, :] if self.mondrian else \
-            conformal_scores(p, self.score, self.raps_lambda, self.raps_k) <= q[0]
+        sets = conformal_scores(p, self.score, self.raps_lambda, self.raps_k) <= (q[None, :] if self.mondrian else q[0])
+        if self.score != "lac":  # APS / RAPS: the top label is always in the set
+            sets[np.arange(len(p)), p.argmax(axis=1)] = True
+        return sets
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -133,10 +145,15 @@ def fit_conformal(probs: ArrayLike, labels: ArrayLike, coverage: float = 0.9, sc
         raise ValueError(f"coverage: expected a probability in (0, 1), got {coverage!r}")
     if score not in SCORES:
         raise ValueError(f"score: expected one of {', '.join(SCORES)}, got {score!r}")
-    if raps_lambda < 0 or raps_k < 0:
-        raise ValueError(f"raps_lambda and raps_k: expected non-negative values, got {raps_lambda!r}, {raps_k!r}")
+    if isinstance(raps_lambda, bool) or not isinstance(raps_lambda, (int, float)) or not (
+            math.isfinite(raps_lambda) and raps_lambda >= 0):
+        raise ValueError(f"raps_lambda: expected a finite number >= 0, got {raps_lambda!r}")
+    if isinstance(raps_k, bool) or not isinstance(raps_k, (int, np.integer)) or raps_k < 0:
+        raise ValueError(f"raps_k: expected an integer >= 0, got {raps_k!r}")
     p, y = check_probs_labels(probs, labels)
     c = p.shape[1]
+    if classnames is not None and len(classnames) != c:
+        raise ValueError(f"classnames: expected {c} names (one per class), got {len(classnames)}")
     names = classnames or [f"class {i}" for i in range(c)]
     true_scores = conformal_scores(p, score, raps_lambda, raps_k)[np.arange(len(y)), y]
     counts = np.bincount(y, minlength=c)
@@ -159,7 +176,11 @@ def set_outcome(sets: np.ndarray, labels: ArrayLike, classnames: list[str] | Non
     the fraction of ``empty`` and ``singleton`` sets, coverage per set size (``by_size``: size ->
     cases, coverage) and per class (``by_class``: name -> cases, coverage, mean size)."""
     s = np.asarray(sets, dtype=bool)
-    y = np.asarray(to_numpy(labels), dtype=np.int64)
+    if s.ndim != 2 or s.shape[0] == 0:
+        raise ValueError(f"sets: expected a non-empty boolean array (N, C), got shape {s.shape}")
+    y = check_labels(to_numpy(labels), s.shape[1])
+    if y.shape != (s.shape[0],):
+        raise ValueError(f"labels: expected shape ({s.shape[0]},) to match sets, got {y.shape}")
     covered = s[np.arange(len(y)), y]
     size = s.sum(axis=1)
     names = classnames or [f"class {i}" for i in range(s.shape[1])]

@@ -15,9 +15,11 @@ is valid given ``n_λ`` (the accepted cases are an i.i.d. sample of the accepted
 ``n_λ = 0`` gives p = 1. The family-wise error rate over Λ is controlled at δ with the
 Bonferroni–Holm procedure, so every rejected ``H_λ`` has ``R(λ) ≤ α`` simultaneously with
 probability ≥ 1 − δ; the chosen threshold is the smallest rejected λ (the largest coverage). No
-rejected λ: every case is referred (threshold ``None``) -- never a guess. The p-values and the
-Holm step come from MAPIE (``mapie.risk_control``: its Hoeffding–Bentkus p-value of a binary
-loss is the exact binomial tail above, and its ``control_fwer``).
+rejected λ: every case is referred (threshold ``None``) -- never a guess. The p-values are
+computed with ``scipy.stats.binom``; the Holm step is MAPIE's ``control_fwer``
+(``mapie.risk_control``). (MAPIE's own binary p-value evaluates the binomial tail at
+``ceil(n · (k/n))``, which floating point turns into k + 1 for some (k, n): conservative, but it
+refuses thresholds that are certified.)
 
 This bounds the selective risk with high probability. Conformal risk control would bound only
 its expectation over calibration draws; it is not what is offered here.
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from calibprompt.metrics._validation import ArrayLike, check_probs_labels, to_numpy
+from calibprompt.metrics._validation import ArrayLike, check_probs, check_probs_labels
 
 __all__ = ["THRESHOLDS", "Referral", "fit_referral", "min_accepted", "referral_outcome"]
 
@@ -66,6 +68,7 @@ class Referral:
     calibration_errors: int
     min_accepted: int
     tests: tuple[dict[str, Any], ...]
+    n_classes: int = 0  # the rule applies to probabilities over this many classes (0: not recorded)
     method: str = "learn-then-test"
 
     @property
@@ -73,8 +76,8 @@ class Referral:
         return self.threshold is not None
 
     def accept(self, probs: ArrayLike) -> np.ndarray:
-        """Boolean (N,): the cases accepted (not referred)."""
-        p = to_numpy(probs, np.float64)
+        """Boolean (N,): the cases accepted (not referred); ``probs`` are validated (N, C)."""
+        p = check_probs(probs, n_classes=self.n_classes or None)
         if self.threshold is None:
             return np.zeros(p.shape[0], dtype=bool)
         return p.max(axis=1) >= self.threshold
@@ -89,6 +92,9 @@ class Referral:
 
 
 def _check_targets(max_error: float, confidence: float) -> None:
+    for name, value in (("max_error", max_error), ("confidence", confidence)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
     if not 0 < max_error < 1:
         raise ValueError(f"max_error: expected a fraction in (0, 1), got {max_error!r}")
     if not 0 < confidence < 1:
@@ -100,7 +106,7 @@ def fit_referral(probs: ArrayLike, labels: ArrayLike, max_error: float = 0.05, c
     then Test (see the module docstring): the lowest threshold of :data:`THRESHOLDS` whose
     selective risk is certified ≤ ``max_error`` at family-wise level 1 − ``confidence``."""
     from mapie.risk_control import control_fwer
-    from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
+    from scipy.stats import binom
 
     _check_targets(max_error, confidence)
     p, y = check_probs_labels(probs, labels)
@@ -109,9 +115,7 @@ def fit_referral(probs: ArrayLike, labels: ArrayLike, max_error: float = 0.05, c
     grid = np.asarray(THRESHOLDS)
     accepted = np.array([(conf >= t).sum() for t in grid])
     errors = np.array([(wrong & (conf >= t)).sum() for t in grid])
-    risk = np.divide(errors, accepted, out=np.zeros(len(grid)), where=accepted > 0)
-    p_values = compute_hoeffding_bentkus_p_value(risk, accepted.astype(float), max_error, binary=True)[:, 0]
-    p_values = np.where(accepted > 0, np.minimum(p_values, 1.0), 1.0)
+    p_values = np.where(accepted > 0, binom.cdf(errors, accepted, max_error), 1.0)
     rejected = set(int(i) for i in control_fwer(p_values, 1 - confidence, fwer_method=FWER_METHOD))
     tests = tuple({"threshold": float(t), "accepted": int(a), "errors": int(e), "p_value": float(pv),
                    "certified": i in rejected}
@@ -120,7 +124,7 @@ def fit_referral(probs: ArrayLike, labels: ArrayLike, max_error: float = 0.05, c
     threshold = None if chosen is None else float(grid[chosen])
     kept = conf >= threshold if threshold is not None else np.zeros(len(y), dtype=bool)
     return Referral(threshold, float(max_error), float(confidence), len(y), int(kept.sum()),
-                    int((wrong & kept).sum()), min_accepted(max_error, confidence), tests)
+                    int((wrong & kept).sum()), min_accepted(max_error, confidence), tests, p.shape[1])
 
 
 def referral_outcome(referral: Referral, probs: ArrayLike, labels: ArrayLike) -> dict[str, Any]:
@@ -128,6 +132,8 @@ def referral_outcome(referral: Referral, probs: ArrayLike, labels: ArrayLike) ->
     accepted), ``selective_error`` (error rate among accepted; None when none is), the numbers
     ``accepted``, ``referred`` and ``errors`` among accepted, and the accuracy of all cases."""
     p, y = check_probs_labels(probs, labels)
+    if referral.n_classes and p.shape[1] != referral.n_classes:
+        raise ValueError(f"probs: the rule was fitted on {referral.n_classes} classes, got {p.shape[1]}")
     kept = referral.accept(p)
     wrong = p.argmax(axis=1) != y
     n_kept = int(kept.sum())

@@ -63,20 +63,13 @@ def to_numpy(x: ArrayLike, dtype: Any | None = None) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-def check_probs_labels(
-    probs: ArrayLike, labels: ArrayLike, *, name: str = "probs", allow_float32: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Validate and convert ``probs`` (N, K) and ``labels`` (N,) to float64 / int64 arrays.
+def check_probs(probs: ArrayLike, *, name: str = "probs", allow_float32: bool = False,
+                n_classes: int | None = None) -> np.ndarray:
+    """Validate and convert probabilities ``probs`` (N, K) to a float64 array (float32 kept with
+    ``allow_float32``, see :func:`check_probs_labels`); ``n_classes`` also requires K to equal it.
 
     Raises ``ValueError`` for: empty input, wrong shapes, fewer than two classes, NaN/inf,
-    values outside [0, 1] or rows that do not sum to 1 (likely logits), and labels that are not
-    integers in [0, K).
-
-    ``allow_float32=True`` returns float32 probabilities as they are, without a float64 copy of
-    the matrix, for kernels that do their arithmetic in float64 on what they extract (every
-    float32 value is exact in float64, so their results equal those on the float64 copy); the
-    checks are the same (row sums are computed in float64).
-    """
+    values outside [0, 1] or rows that do not sum to 1 (likely logits)."""
     low_precision = str(getattr(probs, "dtype", "")) in _LOW_PRECISION
     try:
         p = to_numpy(probs)
@@ -84,11 +77,6 @@ def check_probs_labels(
             p = np.asarray(p, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name}: could not convert to a float array ({exc})") from exc
-    try:
-        y_raw = to_numpy(labels)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"labels: could not convert to an array ({exc})") from exc
-
     if p.ndim != 2:
         hint = (
             " For binary positive-class probabilities q of shape (N,), pass "
@@ -102,8 +90,8 @@ def check_probs_labels(
         raise ValueError(f"{name}: empty input (N = 0); need at least one sample")
     if k < 2:
         raise ValueError(f"{name}: expected at least 2 classes (K >= 2), got K = {k}")
-    if y_raw.ndim != 1 or y_raw.shape[0] != n:
-        raise ValueError(f"labels: expected shape ({n},) to match {name}, got {y_raw.shape}")
+    if n_classes is not None and k != n_classes:
+        raise ValueError(f"{name}: expected {n_classes} classes (columns), got {k}")
     lo, hi = p.min(), p.max()  # NaN propagates and an infinity is an extreme: finite iff both are
     if not (np.isfinite(lo) and np.isfinite(hi)):
         bad = int(np.size(p) - np.count_nonzero(np.isfinite(p)))
@@ -124,8 +112,31 @@ def check_probs_labels(
         )
     if low_precision:  # float16/bfloat16 rows are off by rounding: renormalise in float64
         p = p / row_sums[:, None]
+    return p
 
-    return p, check_labels(y_raw, k)
+
+def check_probs_labels(
+    probs: ArrayLike, labels: ArrayLike, *, name: str = "probs", allow_float32: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert ``probs`` (N, K) and ``labels`` (N,) to float64 / int64 arrays.
+
+    Raises ``ValueError`` for: empty input, wrong shapes, fewer than two classes, NaN/inf,
+    values outside [0, 1] or rows that do not sum to 1 (likely logits), and labels that are not
+    integers in [0, K).
+
+    ``allow_float32=True`` returns float32 probabilities as they are, without a float64 copy of
+    the matrix, for kernels that do their arithmetic in float64 on what they extract (every
+    float32 value is exact in float64, so their results equal those on the float64 copy); the
+    checks are the same (row sums are computed in float64).
+    """
+    try:
+        y_raw = to_numpy(labels)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"labels: could not convert to an array ({exc})") from exc
+    p = check_probs(probs, name=name, allow_float32=allow_float32)
+    if y_raw.ndim != 1 or y_raw.shape[0] != p.shape[0]:
+        raise ValueError(f"labels: expected shape ({p.shape[0]},) to match {name}, got {y_raw.shape}")
+    return p, check_labels(y_raw, p.shape[1])
 
 
 def _row_sums(p: np.ndarray) -> np.ndarray:

@@ -67,8 +67,12 @@ def read_predictions(directory: str | os.PathLike[str]) -> dict[str, np.ndarray]
     path = Path(directory) / "predictions.npz"
     if not path.is_file():
         raise ValueError(f"{directory}: not a finished run directory (no predictions.npz)")
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable predictions file ({str(exc)[:200]}); the run is damaged: "
+                         "rerun it with --force") from exc
 
 
 def calibration_prefix(arrays: Any) -> str | None:

@@ -14,8 +14,15 @@ import numpy as np
 __all__ = ["decision_lines"]
 
 
+def _value(record: dict[str, Any], key: str) -> Any:
+    if key == "raps":  # RAPS's penalty (other scores: none)
+        fitted = record.get("fitted") or {}
+        return [fitted.get("raps_lambda"), fitted.get("raps_k")] if record.get("score") == "raps" else None
+    return record.get(key)
+
+
 def _settings(record: dict[str, Any], keys: tuple[str, ...]) -> str:
-    return json.dumps({k: record.get(k) for k in keys}, sort_keys=True)
+    return json.dumps({k: _value(record, k) for k in keys}, sort_keys=True)
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -32,6 +39,8 @@ def decision_lines(rows: list[Any], groups: list[Any]) -> list[dict[str, Any]]:
     for row, group in zip(rows, groups, strict=True):
         for name, keys in (("referral", ("max_error", "confidence", "probabilities")),
                            ("conformal", ("score", "coverage", "mondrian", "probabilities"))):
+            if name == "conformal":  # RAPS's penalty is a setting too (stored in the fitted rule)
+                keys = (*keys, "raps")
             records = [r.decisions.get(name) for r in group.runs]
             if not any(records):
                 continue
@@ -41,7 +50,7 @@ def decision_lines(rows: list[Any], groups: list[Any]) -> list[dict[str, Any]]:
                 line["note"] = f"{name} settings differ between seeds (or some seeds have none); refit them alike"
                 out.append(line)
                 continue
-            line["settings"] = {k: records[0].get(k) for k in keys}
+            line["settings"] = {k: _value(records[0], k) for k in keys}
             tests = [r["test"] for r in records]
             line["coverage"] = _mean_std([t["coverage"] for t in tests])
             if name == "referral":

@@ -538,6 +538,8 @@ def _decisions_markdown(lines: list[dict[str, Any]]) -> list[str]:
         out += _md_table(["backbone", "dataset", "method", "seeds", "sets", "coverage %", "mean set size"],
                          [(r["backbone"], r["dataset"], r["method"], ", ".join(map(str, r["seeds"])),
                            *((f"{r['settings']['score']}, {r['settings']['coverage']:g}"
+                              + (f" (λ {r['settings']['raps'][0]:g}, k {r['settings']['raps'][1]})"
+                                 if r["settings"].get("raps") else "")
                               + (" per class" if r["settings"]["mondrian"] else "")
                               + (" (T-scaled)" if r["settings"]["probabilities"] == "temperature" else ""),
                               _pct_stat(r["coverage"]),
