@@ -152,6 +152,14 @@ def ref_atfd(t):
     return sum(math.sqrt(sum((u[i][k] - mu[k]) ** 2 for k in range(d))) for i in range(c)) / c
 
 
+def ref_ad(t, tau=0.99999):
+    """A-TPT: the mean over classes of arccos of the clamped cosine to the nearest other class."""
+    u = unit_rows(t)
+    c = len(u)
+    return sum(math.acos(max(-tau, min(tau, max(dot(u[i], u[j]) for j in range(c) if j != i))))
+               for i in range(c)) / c
+
+
 def ref_orth_fro(t):
     u = unit_rows(t)
     return sum(dot(u[i], u[j]) ** 2 for i in range(len(u)) for j in range(len(u)) if i != j)
@@ -217,6 +225,28 @@ def test_text_regularisers_match_loops(seed):
     assert L.orthogonality_fro(t).item() == pytest.approx(ref_orth_fro(t), rel=1e-12)
     assert L.soc(t, delta=0.1).item() == pytest.approx(ref_soc(t, 0.1), rel=1e-12)
     assert L.soc(t, delta=0.9).item() == pytest.approx(ref_soc(t, 0.9), rel=1e-12)
+    assert L.angular_diversity(t).item() == pytest.approx(ref_ad(t), rel=1e-12)
+
+
+def test_angular_diversity_invariances_clamp_and_gradient_direction():
+    t = text(c=5, d=7, seed=3)
+    perm = torch.randperm(5, generator=torch.Generator().manual_seed(0))
+    assert L.angular_diversity(t[perm]).item() == pytest.approx(L.angular_diversity(t).item(), rel=1e-12)  # class order
+    scale = torch.tensor([[0.5], [2.0], [3.0], [1.0], [7.0]], dtype=t.dtype)
+    assert L.angular_diversity(t * scale).item() == pytest.approx(L.angular_diversity(t).item(), rel=1e-12)
+    # orthogonal classes: every nearest angle is pi/2; two identical classes: clamped at tau, finite gradient
+    assert L.angular_diversity(torch.eye(3, dtype=torch.float64)).item() == pytest.approx(math.pi / 2)
+    same = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    L.angular_diversity(same).backward()
+    assert torch.isfinite(same.grad).all()
+    assert L.angular_diversity(same).item() == pytest.approx((2 * math.acos(0.99999) + math.pi / 2) / 3)
+    # a gradient-ascent step on AD (what -lambda * AD descends) opens the nearest angles
+    x = t.clone().requires_grad_(True)
+    L.angular_diversity(x).backward()
+    assert L.angular_diversity(t + 1e-3 * x.grad).item() > L.angular_diversity(t).item()
+    assert L.LOSSES["ad"].maximize
+    with pytest.raises(ValueError, match="tau"):
+        L.angular_diversity(t, tau=1.0)
 
 
 def test_orthogonality_closed_form_equals_householder_construction():
@@ -321,6 +351,7 @@ TEXT_LOSSES = {
     "orth": L.orthogonality,
     "orth_fro": L.orthogonality_fro,
     "soc": lambda t: L.soc(t, delta=0.2),
+    "ad": L.angular_diversity,
 }
 
 
@@ -356,7 +387,7 @@ def test_dca_gradient_flows_only_through_confidence():
 
 def test_registry_names_and_declared_inputs():
     expected = {"ce", "ls", "focal", "smac", "as", "mdca", "dca", "mmce", "mbls", "logitnorm",
-                "zsnorm", "penalty", "atfd", "orth", "orth_fro", "soc"}
+                "zsnorm", "penalty", "atfd", "orth", "orth_fro", "soc", "ad"}
     assert expected <= set(L.LOSSES)
     assert L.LOSSES["as"].inputs == ("text_features",)
     assert L.LOSSES["zsnorm"].inputs == ("logits", "labels", "zs_logits")

@@ -52,6 +52,7 @@ def test_context_features_match_the_learner(learner):
 @pytest.mark.parametrize("config", [
     TPTConfig(), TPTConfig(method="ctpt", lam=50.0), TPTConfig(method="otpt", lam=18.0),
     TPTConfig(method="otpt_fro", lam=18.0), TPTConfig(method="soc", lam=5.0, delta=0.2), TPTConfig(steps=2),
+    TPTConfig(method="atpt", lam=80.0),
 ])
 def test_batched_equals_per_image(learner, config):
     feats = views()
@@ -85,7 +86,8 @@ def test_confident_views_pick_the_lowest_entropy():
 
 # -- shared initial forward ----------------------------------------------------------------------
 METHOD_CONFIGS = [TPTConfig(), TPTConfig(method="ctpt", lam=50.0), TPTConfig(method="otpt", lam=18.0),
-                  TPTConfig(method="otpt_fro", lam=18.0), TPTConfig(method="soc", lam=5.0, delta=0.2)]
+                  TPTConfig(method="otpt_fro", lam=18.0), TPTConfig(method="soc", lam=5.0, delta=0.2),
+                  TPTConfig(method="atpt", lam=80.0)]
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda c: c.method)
@@ -140,10 +142,12 @@ def test_loss_gradient_through_the_text_encoder_matches_finite_differences(learn
 
 
 @pytest.mark.parametrize(("method", "name", "sign"), [("ctpt", "atfd", +1), ("otpt", "orth", -1),
-                                                      ("otpt_fro", "orth_fro", -1), ("soc", "soc", -1)])
+                                                      ("otpt_fro", "orth_fro", -1), ("soc", "soc", -1),
+                                                      ("atpt", "ad", +1)])
 def test_a_dominant_regulariser_moves_the_text_features_its_way(learner, method, name, sign):
-    """With a large weight, one step raises ATFD (C-TPT) or lowers the orthogonality / Huber
-    penalty (O-TPT, SoC) relative to the initial prompt."""
+    """With a large weight, one step raises ATFD (C-TPT) or the nearest-class angles (A-TPT: the
+    paper's L_TPT - lambda * AD; its repository's flipped sign would lower them), or lowers the
+    orthogonality / Huber penalty (O-TPT, SoC) relative to the initial prompt."""
     from calibprompt import losses
 
     feats = views(b=2)

@@ -42,7 +42,7 @@ Default protocol (the published TPT protocol, --protocol published): 64 views (o
 RandomResizedCrop + flip + AugMix), 4 context vectors from "a photo of a", the 10% lowest-entropy
 views, one AdamW step (lr 5e-3), fp16 autocast on CUDA, ECE with 20 bins. Regulariser weights:
 C-TPT 50, O-TPT 18, SoC 50 with Huber delta 0.3 (SoC publishes none; chosen on the demo's
-train split). Every method run with the same --seed sees the same cached
+train split), A-TPT 80 (its fine-grained value; 10 under natural shift). Every method run with the same --seed sees the same cached
 views; each method writes its own run directory, a finished one is skipped (--force), an
 interrupted one resumes. --calib-per-class N also adapts a calibration split of the train pool
 (temperature scaling is fitted there; calibrate needs it); --val-per-class N a tuning split,
@@ -149,7 +149,7 @@ def register(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     add_run_output_options(p)
     p.set_defaults(func=cmd_zeroshot)
 
-    p = add("tpt", "test-time prompt tuning over a test set: TPT, C-TPT, O-TPT, SoC (or zero-shot)", EXAMPLES["tpt"])
+    p = add("tpt", "test-time prompt tuning over a test set: TPT, C-TPT, O-TPT, SoC, A-TPT (or zero-shot)", EXAMPLES["tpt"])
     add_config_options(p, TPTRunConfig, exclude=("method",))
     method = TPTRunConfig.__dataclass_fields__["method"]
     p.add_argument("--method", nargs="+", default=[method.default], choices=list(method.metadata["choices"]),

@@ -3,7 +3,8 @@
 Per test image (the protocol of TPT, Shu et al. 2022): the context is reset to its initial value ("a photo of a", 4 vectors),
 the ``ratio`` lowest-entropy of the image's V views are kept, the loss is the entropy of their
 *averaged* distribution plus the method's regulariser on the class text features (C-TPT:
-``-lambda * ATFD``, O-TPT: ``lambda * orthogonality``, SoC: ``lambda * Huber``), one AdamW step
+``-lambda * ATFD``, O-TPT: ``lambda * orthogonality``, SoC: ``lambda * Huber``, A-TPT:
+``-lambda * angular diversity``), one AdamW step
 (lr 5e-3, weight decay 0.01) is taken from fresh optimiser state, and the prediction comes from
 the original view (view 0) with the updated prompt. With several steps the confident views are
 selected once, at the first step (under the initial context), and reused at every later step, as
@@ -40,7 +41,7 @@ from calibprompt.prompts import PromptLearner
 __all__ = ["REGULARIZERS", "TPTConfig", "confident_views", "tpt_adapt"]
 
 #: method -> (loss name in calibprompt.losses.LOSSES); the sign comes from the registry.
-REGULARIZERS = {"tpt": None, "ctpt": "atfd", "otpt": "orth", "otpt_fro": "orth_fro", "soc": "soc"}
+REGULARIZERS = {"tpt": None, "ctpt": "atfd", "otpt": "orth", "otpt_fro": "orth_fro", "soc": "soc", "atpt": "ad"}
 
 
 @dataclass(frozen=True)

@@ -89,15 +89,18 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "otpt": {"lam": 18.0},
     "otpt_fro": {"lam": 18.0},
     "soc": {"lam": 50.0, "delta": losses.SOC_DELTA},
+    "atpt": {"lam": 80.0},  # A-TPT's fine-grained value (10 for natural distribution shift)
 }
 
 #: ``--tune auto``: the ranges searched per method (our choice, covering every published value:
-#: C-TPT's lambda 50 fine-grained / 20 natural shift, O-TPT's 18; SoC's lambda and delta have none).
+#: C-TPT's lambda 50 fine-grained / 20 natural shift, O-TPT's 18, A-TPT's 80 / 10; SoC's lambda and
+#: delta have none).
 TPT_SEARCH: dict[str, tuple[str, ...]] = {
     "ctpt": ("lam=1:100:log",),
     "otpt": ("lam=1:100:log",),
     "otpt_fro": ("lam=1:100:log",),
     "soc": ("lam=1:100:log", "delta=0.05:1:log"),
+    "atpt": ("lam=1:100:log",),
 }
 
 #: Protocols: ``published`` is the TPT papers' protocol on fine-grained datasets (AugMix views);
