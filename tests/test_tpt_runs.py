@@ -218,3 +218,49 @@ def test_cli_runs_several_methods_and_rejects_bad_input(tmp_path, demo_root, cap
     assert all(np.load(d / "predictions.npz")["test_logits"].shape == (10, 4) for d in dirs)
     assert main([*base, "--method", "tpt"]) == 0 and "already finished" in capsys.readouterr().out
 
+
+
+# -- the template-ensemble setting -----------------------------------------------------------------
+def test_template_sets():
+    from calibprompt.prompts import TPT4_TEMPLATES, prefix_words, template_set
+
+    assert template_set("tpt4") == list(TPT4_TEMPLATES)
+    assert [prefix_words(t) for t in TPT4_TEMPLATES] == ["a photo of a", "a photo of the", "a picture of a",
+                                                         "a picture of the"]
+    imagenet = template_set("imagenet80")
+    assert len(imagenet) == 78 and imagenet[0] == "a bad photo of a {}."  # 2 of CLIP's 80 put words after the class
+    assert prefix_words("a {} in a video game.") is None and prefix_words("{}.") is None
+    assert template_set("dataset", ["An H&E image of {}.", "{} tissue"]) == ["An H&E image of {}."]
+    with pytest.raises(ValueError, match="ends with the class"):
+        template_set("dataset", ["{} tissue"])
+    with pytest.raises(ValueError, match="ensemble"):
+        template_set("ten")
+
+
+@pytest.mark.parametrize("method", ["ctpt", "zeroshot"])
+def test_the_ensemble_equals_each_template_alone_averaged(tmp_path, demo_root, demo_backbone, method):
+    """--ensemble tpt4: one context per template on the same cached views; the logits are the mean
+    of the four single-template runs (--ctx-init each template's words). With zero-shot it is the
+    ensemble baseline (no step)."""
+    from calibprompt.prompts import TPT4_TEMPLATES, prefix_words
+    from calibprompt.runs.apply import load_run
+
+    ensemble = execute_tpt_run(run_config(demo_root, tmp_path / "cache", method=method, ensemble="tpt4", limit=8),
+                               tmp_path / "runs")
+    singles = [execute_tpt_run(run_config(demo_root, tmp_path / "cache", method=method, limit=8,
+                                          ctx_init=prefix_words(t)), tmp_path / "runs") for t in TPT4_TEMPLATES]
+    mean = np.mean([np.load(r.directory / "predictions.npz")["test_logits"] for r in singles], axis=0)
+    got = np.load(ensemble.directory / "predictions.npz")["test_logits"]
+    assert np.abs(got - mean).max() < 1e-5 and not np.allclose(got, np.load(
+        singles[0].directory / "predictions.npz")["test_logits"])
+    record = json.loads((ensemble.directory / "config.json").read_text())
+    assert record["templates"] == list(TPT4_TEMPLATES) and record["identity"]["config"]["ensemble"] == "tpt4"
+    assert "ctx_init" not in record["identity"]["config"] and "ensembletpt4" in ensemble.directory.name
+    # applied to new images, the run adapts every template again (the same logits for its test images)
+    preds = np.load(ensemble.directory / "predictions.npz")
+    first = [demo_root / "demo" / "images" / "test" / f for f in preds["test_files"][:2]]
+    new = load_run(ensemble.directory).predict(first, cache=tmp_path / "cache", progress=False, workers=0)
+    assert np.abs(new.logits - preds["test_logits"][:2]).max() < 1e-5
+    with pytest.raises(ValueError, match="--ensemble"):
+        execute_tpt_run(run_config(demo_root, tmp_path / "cache", method=method, ensemble="tpt4",
+                                   ctx_init="a photo of a"), tmp_path / "runs")

@@ -22,7 +22,7 @@ from torch import nn
 
 from calibprompt.backbones.base import Backbone, TokenBatch
 
-__all__ = ["POSITIONS", "PromptLearner", "check_distinct_prompts"]
+__all__ = ["POSITIONS", "TEMPLATE_SETS", "PromptLearner", "check_distinct_prompts", "prefix_words", "template_set"]
 
 POSITIONS = ("end", "middle", "front")
 PLACEHOLDER = "X"
@@ -30,6 +30,44 @@ PLACEHOLDER = "X"
 #: CPU (ViT-B/32 text tower, packed suffixes): 1.42x at C = 2, 2.72x at C = 9, 2.96x at C = 100;
 #: with one class there is nothing to share.
 SHARED_PREFIX_MIN_CLASSES = 2
+
+
+#: Named template sets of the ensemble setting of test-time tuning: ``tpt4`` -- the 4 templates of
+#: the one public ensemble implementation of C-TPT's tables (the TCA repository); ``imagenet80`` --
+#: CLIP's 80 ImageNet templates (from open_clip), of which the 78 that end with the class carry a
+#: prefix context; ``dataset`` -- the dataset's own templates.
+TEMPLATE_SETS = ("tpt4", "imagenet80", "dataset")
+TPT4_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.", "a picture of the {}.")
+
+
+def prefix_words(template: str) -> str | None:
+    """The words a context initialised from ``template`` starts from: ``"a photo of a"`` for
+    ``"a photo of a {}."``; None when the template places words after the class (a CoOp context
+    is a prefix, the class name and "." end the prompt)."""
+    head, sep, tail = template.partition("{}")
+    if not sep or tail.strip() not in ("", ".") or not head.strip():
+        return None
+    return head.strip()
+
+
+def template_set(name: str, dataset_templates: Sequence[str] = ()) -> list[str]:
+    """The templates of a named set (:data:`TEMPLATE_SETS`) that can carry a prefix context
+    (:func:`prefix_words`), in their published order; an error when none can."""
+    if name == "tpt4":
+        templates = list(TPT4_TEMPLATES)
+    elif name == "imagenet80":
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        templates = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    elif name == "dataset":
+        templates = list(dataset_templates)
+    else:
+        raise ValueError(f"ensemble: expected one of {', '.join(TEMPLATE_SETS)}, got {name!r}")
+    usable = [t for t in templates if prefix_words(t) is not None]
+    if not usable:
+        raise ValueError(f"ensemble {name}: none of its templates {templates} ends with the class name "
+                         "('<words> {}.'), so none can carry a prefix context")
+    return usable
 
 
 def check_distinct_prompts(batch: TokenBatch, classnames: Sequence[str], backbone_name: str) -> None:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from calibprompt import losses
 from calibprompt.prompts import PromptLearner
 
-__all__ = ["REGULARIZERS", "TPTConfig", "confident_views", "tpt_adapt"]
+__all__ = ["REGULARIZERS", "TPTConfig", "confident_views", "tpt_adapt", "tpt_adapt_ensemble"]
 
 #: method -> (loss name in calibprompt.losses.LOSSES); the sign comes from the registry.
 REGULARIZERS = {"tpt": None, "ctpt": "atfd", "otpt": "orth", "otpt_fro": "orth_fro", "soc": "soc", "atpt": "ad"}
@@ -188,3 +188,19 @@ def tpt_adapt(
             text = learner.contexts_features(ctx)
         logits = _view_logits(feats[:, 0], text, scale, "bd,bcd->bc")
     return logits, ctx.detach()
+
+
+def tpt_adapt_ensemble(
+    learners: list[PromptLearner], view_features: torch.Tensor, config: TPTConfig = TPTConfig(),
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The template-ensemble setting (C-TPT's "TPT_Ensemble"; as the one public implementation, the
+    TCA repository, runs it): one model per template -- its own context initialised from that
+    template's words, its own AdamW state, confident-view selection, entropy and regulariser over
+    its C class features -- each adapted by :func:`tpt_adapt` on the same views; the prediction is
+    the arithmetic mean of the templates' logits. Templates run one after another, each batched
+    over the images (with its shared initial forward). Returns the mean logits (B, C) and each
+    template's adapted contexts."""
+    if not learners:
+        raise ValueError("tpt_adapt_ensemble: needs at least one template's learner")
+    outputs = [tpt_adapt(learner, view_features, config) for learner in learners]
+    return torch.stack([logits for logits, _ in outputs]).mean(dim=0), [ctx for _, ctx in outputs]

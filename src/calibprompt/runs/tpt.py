@@ -45,7 +45,7 @@ from calibprompt.methods.tpt import TPTConfig
 from calibprompt.metrics import METRICS_VERSION
 from calibprompt.metrics._validation import MAX_BINS
 from calibprompt.progress import rate_progress
-from calibprompt.prompts import PromptLearner
+from calibprompt.prompts import TEMPLATE_SETS, PromptLearner, prefix_words, template_set
 from calibprompt.runs.common import (
     Outputs,
     Plan,
@@ -167,6 +167,11 @@ class TPTRunConfig(RunConfigBase):
                                                     "disjoint from the tuning split (temperature scaling is fitted "
                                                     "there)", metavar="N", default_text="none")
     batch_size: int = option(16, help="images adapted at once")
+    ensemble: str | None = option(None, help="the template-ensemble setting: one context per template (each "
+                                             "initialised from its words, adapted on the same views), logits "
+                                             "averaged; tpt4: the 4 templates of C-TPT's ensemble tables, "
+                                             "imagenet80: CLIP's ImageNet templates, dataset: the dataset's own",
+                                  choices=TEMPLATE_SETS, default_text="off: one prompt, --ctx-init")
     tune: str | None = tune_option("the regulariser weight (and SoC's delta): every candidate adapts the tuning "
                                    "split (--val-per-class, default max(4, 64 / classes)), scored there")
     search: tuple[str, ...] | None = search_option("lam=1:100:log (SoC also delta=0.05:1:log)")
@@ -191,6 +196,12 @@ class TPTRunConfig(RunConfigBase):
             raise ValueError(f"lam: {self.method} has no regulariser; --lam applies to ctpt, otpt, otpt_fro, soc")
         if self.method != "soc" and self.delta is not None:
             raise ValueError(f"delta: only SoC has a Huber threshold, not {self.method}")
+        if self.ensemble is not None:
+            if self.ensemble not in TEMPLATE_SETS:
+                raise ValueError(f"ensemble: expected one of {', '.join(TEMPLATE_SETS)}, got {self.ensemble!r}")
+            if self.ctx_init is not None or self.init_prompt is not None:
+                raise ValueError("--ensemble: each template initialises its own context; --ctx-init and "
+                                 "--init-prompt apply to the single-prompt setting")
         if self.tune is not None:
             check_tuning_options(self)
             if self.lam is not None or self.delta is not None:
@@ -250,7 +261,8 @@ class TPTRunConfig(RunConfigBase):
         measures the result and is not part of it."""
         skip = (*NON_EFFECTIVE, *(ADAPTATION_FIELDS if self.method == "zeroshot" else ()),
                 *(() if self.needs_train else ("calib_per_class",)),  # runs without labelled splits: as before
-                "tune", "search", "trials", "tune_metric")
+                "tune", "search", "trials", "tune_metric",
+                *(("ensemble",) if self.ensemble is None else ("ctx_init",)))  # single prompt: as before
         out = {**{k: v for k, v in asdict(self).items() if k not in skip}, **self.data_effective()}
         if self.tune:  # the search determines lam (and delta), not the fields
             space = self.search_space()
@@ -275,7 +287,8 @@ class TPTRunConfig(RunConfigBase):
             raise DataError(f"{asked}: {config.dataset}/train has only {train.class_counts().min()} image(s) in its "
                             "smallest class")
         backbone = cached_backbone(config.backbone, config.weights, config.device, config.precision)
-        learner, prompt_digest = _initial_learner(backbone, list(test.classnames), config)
+        learner, prompt_digest = _initial_learner(backbone, list(test.classnames), config,
+                                                  train.templates if train is not None else test.templates)
         store = FeatureStore(config.cache)
         effective = {**config.effective(), "init_prompt_digest": prompt_digest}
         identity = RunIdentity(
@@ -286,7 +299,8 @@ class TPTRunConfig(RunConfigBase):
             metrics_version=METRICS_VERSION, precision=config.precision, device_kind=kind)
         base = TPTRunConfig(config.backbone, config.dataset, config.root, method=config.method,
                             protocol=config.protocol, tune=config.tune, search=config.search).resolved()
-        defaults = {"calib_per_class": None, **base.effective(), "init_prompt_digest": None}  # named when set
+        defaults = {"calib_per_class": None, "ensemble": None, **base.effective(),
+                    "init_prompt_digest": None}  # named when set
         name = run_name([f"seed{config.seed}"], effective, defaults, identity.run_id,
                         skip=("method", "backbone", "dataset", "seed", "init_prompt_digest"))
         if prompt_digest is not None:
@@ -298,6 +312,7 @@ class TPTRunConfig(RunConfigBase):
         if config.tune:  # chosen by the search (tuning.json), not the defaults tpt_config() holds
             tpt_record.update(dict.fromkeys(config.search_space(), "tuned"))
         record = {"tpt": tpt_record, "protocol": config.protocol,
+                  **({"templates": [lrn.template for lrn in learner]} if config.ensemble else {}),
                   "init_prompt_digest": prompt_digest, **test_split_record(config, train, test)}
 
         def work(directory: RunDirectory) -> Outputs:
@@ -314,8 +329,11 @@ class TPTRunConfig(RunConfigBase):
         config = self.resolved()
         if config.tune:  # the search's choice, not the method's defaults
             config = replace(config, **json.loads((Path(directory) / "tuning.json").read_text())["chosen"]["values"])
-        learner = _learner_from_file(backbone, Path(directory) / "prompt.safetensors",
-                                     json.loads((Path(directory) / "config.json").read_text())["classnames"])
+        record = json.loads((Path(directory) / "config.json").read_text())
+        if config.ensemble:  # every template's initial context, rebuilt from its words
+            learner = _ensemble_learners(backbone, record["classnames"], record["templates"])
+        else:
+            learner = _learner_from_file(backbone, Path(directory) / "prompt.safetensors", record["classnames"])
         views = store.views(backbone, paths, _views(config), kind="test_time", augmix=config.augmix,
                             aug_seed=config.seed, num_workers=workers, progress=progress)
         logits = _adapt(learner, views.features, config, progress, "adapting")
@@ -351,9 +369,22 @@ def _learner_from_file(backbone: Any, path: Path, classnames: list[str]):
     return learner
 
 
-def _initial_learner(backbone: Any, classnames: list[str], config: TPTRunConfig):
-    """The prompt every image starts from (see :func:`initial_learner`)."""
+def _initial_learner(backbone: Any, classnames: list[str], config: TPTRunConfig, dataset_templates: list[str]):
+    """The prompt every image starts from (see :func:`initial_learner`), or with ``ensemble`` one
+    learner per template of the set (:func:`calibprompt.prompts.template_set`)."""
+    if config.ensemble:
+        return _ensemble_learners(backbone, classnames, template_set(config.ensemble, dataset_templates)), None
     return initial_learner(backbone, classnames, config.init_prompt, config.ctx_init, config.backbone)
+
+
+def _ensemble_learners(backbone: Any, classnames: list[str], templates: list[str]) -> list[PromptLearner]:
+    """One prompt learner per template, its context the template's words before the class."""
+    learners = []
+    for template in templates:
+        learner = PromptLearner(backbone, classnames, init="words", init_words=prefix_words(template))
+        learner.template = template  # recorded in config.json
+        learners.append(learner)
+    return learners
 
 
 def initial_learner(backbone: Any, classnames: list[str], init_prompt: str | None, ctx_init: str,
@@ -411,7 +442,10 @@ def _adapt(learner: Any, features: torch.Tensor, config: TPTRunConfig, progress:
             logits = []
             for b in range(0, len(chunk), config.batch_size):
                 batch = chunk[b: b + config.batch_size]
-                out_logits, _ = tpt_method.tpt_adapt(learner, features[batch], tpt)
+                if isinstance(learner, list):  # the template ensemble
+                    out_logits, _ = tpt_method.tpt_adapt_ensemble(learner, features[batch], tpt)
+                else:
+                    out_logits, _ = tpt_method.tpt_adapt(learner, features[batch], tpt)
                 logits.append(out_logits.double().cpu().numpy())
                 rate = (g + b + len(batch)) / max(time.perf_counter() - start, 1e-9)
                 bar.update(task, advance=len(batch), rate=f"{rate:.2f}")
@@ -419,7 +453,8 @@ def _adapt(learner: Any, features: torch.Tensor, config: TPTRunConfig, progress:
             if save_part is not None:
                 save_part(chunk, stacked)
             done.update(zip(chunk, stacked, strict=True))
-    return np.stack([done[p] for p in range(n)]) if n else np.zeros((0, len(learner.classnames)))
+    classes = len((learner[0] if isinstance(learner, list) else learner).classnames)
+    return np.stack([done[p] for p in range(n)]) if n else np.zeros((0, classes))
 
 
 def _done_parts(parts: Path, split: str) -> dict[int, np.ndarray]:
@@ -434,8 +469,11 @@ def _done_parts(parts: Path, split: str) -> dict[int, np.ndarray]:
 def _work(config: TPTRunConfig, directory: RunDirectory, backbone: Any, store: FeatureStore, learner: Any,
           test: Any, train: Any) -> Outputs:
     with atomic_path(directory.path("prompt.safetensors")) as tmp:
-        position = {"end": 0, "middle": 1, "front": 2}[learner.position]
-        save_file({"ctx": learner.ctx.detach().cpu().contiguous(), "position": torch.tensor(position)}, str(tmp))
+        if isinstance(learner, list):  # the ensemble: every template's initial context
+            save_file({f"ctx_{k:03d}": lrn.ctx.detach().cpu().contiguous() for k, lrn in enumerate(learner)}, str(tmp))
+        else:
+            position = {"end": 0, "middle": 1, "front": 2}[learner.position]
+            save_file({"ctx": learner.ctx.detach().cpu().contiguous(), "position": torch.tensor(position)}, str(tmp))
     parts = directory.path("parts")
     parts.mkdir(exist_ok=True)
     kw = {"augmix": config.augmix, "aug_seed": config.seed, "num_workers": config.workers,
