@@ -212,3 +212,110 @@ def test_a_float64_backbone_adapts_in_float64(learner64):
     for steps in (1, 2):
         logits, ctx = tpt_adapt(learner64, feats, TPTConfig(steps=steps))
         assert logits.dtype == torch.float64 and torch.isfinite(logits).all() and ctx.dtype == torch.float64
+
+
+# -- TCA: attribute prompts, marginalised probabilities, inter/intra regulariser -------------------------
+#: attribute words from the demo model's small vocabulary (words it does not know would all become
+#: the unknown token, and the prompts of a class would be identical)
+ATTRIBUTES = {"adipose tissue": ["stained", "histology"], "lymphocytes": ["stained", "microscopy", "section"],
+              "cancer-associated stroma": ["patch"], "colorectal adenocarcinoma epithelium": ["image", "histology"]}
+
+
+def ref_tca(t, groups):
+    """Inter / intra dispersion by loops over Python lists."""
+    rows = [[v / sum(x * x for x in r) ** 0.5 for v in r] for r in t.tolist()]
+    classes = sorted(set(groups))
+    means = {c: [sum(rows[k][d] for k in range(len(rows)) if groups[k] == c) / groups.count(c)
+                 for d in range(len(rows[0]))] for c in classes}
+    mu = [sum(means[c][d] for c in classes) / len(classes) for d in range(len(rows[0]))]
+    dist = lambda a, b: sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) ** 0.5  # noqa: E731
+    inter = sum(dist(means[c], mu) for c in classes) / len(classes)
+    intra = sum(dist(rows[k], means[groups[k]]) for k in range(len(rows))) / len(rows)
+    return inter, intra
+
+
+def test_tca_dispersion_matches_loops_is_invariant_and_differentiable():
+    from calibprompt import losses
+
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    groups = [0, 0, 1, 1, 1, 2, 3, 3]
+    inter, intra = losses.tca_dispersion(t, torch.tensor(groups))
+    ref = ref_tca(t, groups)
+    assert inter.item() == pytest.approx(ref[0], rel=1e-12) and intra.item() == pytest.approx(ref[1], rel=1e-12)
+    # class order (prompts moved with their class), prompt order within a class and feature scale
+    relabel = {0: 2, 1: 0, 2: 3, 3: 1}
+    perm = [5, 6, 7, 0, 1, 4, 3, 2]
+    moved = losses.tca_dispersion(t[perm] * 3.0, torch.tensor([relabel[groups[k]] for k in perm]))
+    assert moved[0].item() == pytest.approx(inter.item(), rel=1e-12)
+    assert moved[1].item() == pytest.approx(intra.item(), rel=1e-12)
+    x = t.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: torch.stack(losses.tca_dispersion(z, torch.tensor(groups))), (x,),
+                                    eps=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="every class"):
+        losses.tca_dispersion(t, torch.tensor([0, 0, 2, 2, 2, 2, 2, 2]))
+
+
+def test_tca_probabilities_are_attribute_marginalised_once():
+    from calibprompt.methods.tpt import class_logits
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 6, generator=g, dtype=torch.float64) * 5
+    groups = torch.tensor([1, 0, 1, 2, 0, 1])
+    probs = torch.softmax(class_logits(z, groups), dim=-1)
+    e = z.exp()
+    expected = torch.stack([e[:, groups == c].sum(1) for c in range(3)], dim=1) / e.sum(1, keepdim=True)
+    assert torch.allclose(probs, expected, atol=1e-12)
+    assert not torch.allclose(probs, torch.softmax(probs, dim=-1))  # not softmax applied twice
+    assert torch.equal(class_logits(z, None), z)
+
+
+def test_tca_adapts_batched_like_per_image_and_its_regulariser_moves_the_features(demo_backbone):
+    from calibprompt import losses
+    from calibprompt.methods.tpt import tca_learner
+
+    learner = tca_learner(demo_backbone, CLASSES, ATTRIBUTES)
+    assert learner.groups.tolist() == [0, 0, 1, 1, 1, 2, 3, 3] and len(learner.classnames) == 8
+    feats = views()
+    config = TPTConfig(method="tca", lam=5.0, beta=5.0)
+    logits, ctx = tpt_adapt(learner, feats, config)
+    assert logits.shape == (3, 4)  # class logits, not prompt logits
+    for i in range(3):
+        alone, _ = tpt_adapt(learner, feats[i:i + 1], config)
+        assert torch.allclose(alone, logits[i:i + 1], atol=1e-5)
+    shared, _ = tpt_adapt(learner, feats, replace(config, share_initial_forward=False))
+    assert torch.allclose(shared, logits, atol=1e-5)
+    with torch.no_grad():
+        before = losses.tca_dispersion(learner(), learner.groups)
+    for lam, beta, part, sign in ((1e4, 0.0, 0, +1), (0.0, 1e4, 1, -1)):  # inter up; intra down
+        _, ctx = tpt_adapt(learner, views(b=2), TPTConfig(method="tca", lam=lam, beta=beta))
+        with torch.no_grad():
+            after = losses.tca_dispersion(learner.contexts_features(ctx)[0], learner.groups)
+        assert sign * (after[part] - before[part]) > 0
+    with pytest.raises(ValueError, match="no attribute words"):
+        tca_learner(demo_backbone, CLASSES, {"adipose tissue": ["stained"]})
+    with pytest.raises(ValueError, match="beta"):
+        TPTConfig(method="ctpt", beta=1.0)
+
+
+def test_tca_loss_gradient_through_the_text_encoder_matches_finite_differences(learner64):
+    """The whole TCA loss (entropy of the marginalised class probabilities - alpha Inter + beta
+    Intra), through the text encoder in float64, against central differences; the shared first
+    gradient (batched VJP) equals it."""
+    from calibprompt.methods.tpt import class_logits, tca_learner
+
+    learner = tca_learner(learner64.backbone, CLASSES, ATTRIBUTES)
+    learner.ctx.data = learner.ctx.data.double()
+    feats = views(b=1, d=learner.backbone.embed_dim).double()
+    scale, config = learner.backbone.logit_scale, TPTConfig(method="tca", lam=3.0, beta=2.0)
+
+    def loss(ctx):
+        text = learner.contexts_features(ctx[None]).double()
+        logits = class_logits(scale * torch.einsum("bvd,bcd->bvc", feats, text), learner.groups)
+        return _image_losses(logits, text, config, groups=learner.groups).sum()
+
+    ctx = learner.ctx.detach().double().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(loss, (ctx,), eps=1e-6, atol=1e-6, rtol=1e-4)
+    shared = _shared_first_gradient(learner, feats, config)
+    (analytic,) = torch.autograd.grad(loss(ctx), ctx)
+    assert torch.allclose(shared[0].double(), analytic, atol=1e-9)

@@ -43,6 +43,7 @@ __all__ = [
     "orthogonality_fro",
     "smac",
     "soc",
+    "tca_dispersion",
     "zs_norm",
     "zs_penalty",
 ]
@@ -355,6 +356,27 @@ def angular_diversity(text_features: torch.Tensor, tau: float = ATPT_TAU) -> tor
     eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
     nearest = sim.masked_fill(eye, float("-inf")).max(dim=1).values
     return torch.arccos(nearest.clamp(-tau, tau)).mean()
+
+
+def tca_dispersion(text_features: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TCA's inter- and intra-class dispersion (attribute-aware prompts, ECML-PKDD 2025) of the
+    L2-normalised features t_{c,a} of the prompts "a photo of a {attr} {class}." (``groups[k]`` =
+    the class of prompt k): with ``mu_c`` the mean of class c's prompts and ``mu`` the mean of
+    the ``mu_c``, ``Inter = (1/C) sum_c ||mu_c - mu||`` and ``Intra = (1/K) sum_{c,a} ||t_{c,a} -
+    mu_c||`` (K prompts; (1/CA) with A attributes per class). TCA's loss is
+    ``L_TPT - alpha * Inter + beta * Intra``: classes apart, each class's prompts together."""
+    t = _normalized_text(text_features, "tca_dispersion")
+    groups = groups.to(t.device).long()
+    if groups.shape != (t.shape[0],):
+        raise ValueError(f"tca_dispersion: groups must have shape ({t.shape[0]},), got {tuple(groups.shape)}")
+    c = int(groups.max()) + 1
+    counts = torch.bincount(groups, minlength=c).to(t.dtype)
+    if (counts == 0).any() or c < 2:
+        raise ValueError("tca_dispersion: every class 0 .. C-1 needs at least one prompt, and C >= 2")
+    means = torch.zeros(c, t.shape[1], dtype=t.dtype, device=t.device).index_add_(0, groups, t) / counts[:, None]
+    inter = torch.linalg.vector_norm(means - means.mean(dim=0, keepdim=True), dim=-1).mean()
+    intra = torch.linalg.vector_norm(t - means[groups], dim=-1).mean()
+    return inter, intra
 
 
 def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:

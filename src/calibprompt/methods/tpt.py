@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,12 @@ import torch.nn.functional as F
 from calibprompt import losses
 from calibprompt.prompts import PromptLearner
 
-__all__ = ["REGULARIZERS", "TPTConfig", "confident_views", "tpt_adapt", "tpt_adapt_ensemble"]
+__all__ = ["REGULARIZERS", "TPTConfig", "class_logits", "confident_views", "tca_learner", "tpt_adapt",
+           "tpt_adapt_ensemble"]
 
 #: method -> (loss name in calibprompt.losses.LOSSES); the sign comes from the registry.
-REGULARIZERS = {"tpt": None, "ctpt": "atfd", "otpt": "orth", "otpt_fro": "orth_fro", "soc": "soc", "atpt": "ad"}
+REGULARIZERS = {"tpt": None, "ctpt": "atfd", "otpt": "orth", "otpt_fro": "orth_fro", "soc": "soc", "atpt": "ad",
+                "tca": "tca"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class TPTConfig:
     method: str = "tpt"
     lam: float = 0.0
     delta: float = losses.SOC_DELTA
+    beta: float = 0.0  # TCA: weight of the intra-class dispersion (lam weights the inter-class one)
     selection: float = 0.1
     steps: int = 1
     lr: float = 5e-3
@@ -73,6 +77,8 @@ class TPTConfig:
             raise ValueError(f"steps: expected a non-negative integer, got {self.steps}")
         if self.method != "tpt" and self.lam < 0:
             raise ValueError(f"lam: expected a non-negative weight, got {self.lam}")
+        if self.beta < 0 or (self.beta and self.method != "tca"):
+            raise ValueError(f"beta: the intra-class weight of TCA, non-negative; got {self.beta} for {self.method}")
 
 
 def confident_views(logits: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -92,15 +98,43 @@ def _view_logits(feats: torch.Tensor, text: torch.Tensor, scale: float, pattern:
     return scale * torch.einsum(pattern, feats.to(dtype), text.to(dtype))
 
 
+def class_logits(prompt_logits: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """Class logits from prompt logits (..., K): unchanged without ``groups``; with TCA's attribute
+    prompts (``groups[k]`` = class of prompt k) ``z_c = logsumexp_{k in c} z_k``, so that
+    ``softmax(z)_c = sum_a exp(s cos(x, t_{c,a})) / sum_{c',a} exp(s cos(x, t_{c',a}))`` -- the
+    attribute-marginalised probability, taken once (TCA's code applies a second softmax on top of
+    it for view selection and entropy; not reproduced)."""
+    if groups is None:
+        return prompt_logits
+    groups = groups.to(prompt_logits.device)
+    c = int(groups.max()) + 1
+    width = int(torch.bincount(groups, minlength=c).max())
+    index = torch.zeros(c, width, dtype=torch.long, device=prompt_logits.device)
+    mask = torch.zeros(c, width, dtype=torch.bool, device=prompt_logits.device)
+    slot = torch.zeros(c, dtype=torch.long)
+    for k, g in enumerate(groups.tolist()):  # prompts of class g, in order (K is small)
+        index[g, slot[g]] = k
+        mask[g, slot[g]] = True
+        slot[g] += 1
+    gathered = prompt_logits[..., index].masked_fill(~mask, float("-inf"))
+    return torch.logsumexp(gathered, dim=-1)
+
+
 def _image_losses(view_logits: torch.Tensor, text: torch.Tensor, config: TPTConfig,
-                  chosen: torch.Tensor | None = None) -> torch.Tensor:
+                  chosen: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image loss (B,): marginal entropy of the confident views (``chosen``, or selected from
-    these logits) + the regulariser."""
+    these logits; class logits, see :func:`class_logits`) + the regulariser on the prompt
+    features ``text`` (B, K, D)."""
     if chosen is None:
         chosen = confident_views(view_logits.detach(), config.selection)
     picked = view_logits.gather(1, chosen[:, :, None].expand(-1, -1, view_logits.shape[-1]))
     per_image = torch.stack([losses.marginal_entropy(p) for p in picked])
     name = REGULARIZERS[config.method]
+    if name == "tca":
+        if groups is None:
+            raise ValueError("tca: needs attribute prompts (a learner with groups)")
+        inter, intra = zip(*(losses.tca_dispersion(t, groups) for t in text), strict=True)
+        return per_image - config.lam * torch.stack(inter) + config.beta * torch.stack(intra)
     if name is not None and config.lam != 0.0:
         spec = losses.LOSSES[name]
         kwargs = {"delta": config.delta} if name == "soc" else {}
@@ -131,9 +165,11 @@ def _shared_first_gradient(
     with _autocast(config, ctx.device):
         text = learner.contexts_features(ctx[None])[0]  # (C, D) once per batch
     per_image = text.detach()[None].repeat(b, 1, 1).requires_grad_(True)
-    view_logits = _view_logits(feats, per_image, learner.backbone.logit_scale, "bvd,bcd->bvc")
+    groups = getattr(learner, "groups", None)
+    view_logits = class_logits(_view_logits(feats, per_image, learner.backbone.logit_scale, "bvd,bcd->bvc"), groups)
     chosen = confident_views(view_logits.detach(), config.selection)
-    (cotangents,) = torch.autograd.grad(_image_losses(view_logits, per_image, config, chosen).sum(), per_image)
+    (cotangents,) = torch.autograd.grad(_image_losses(view_logits, per_image, config, chosen, groups).sum(),
+                                        per_image)
     try:
         (grad,) = torch.autograd.grad(text, ctx, grad_outputs=cotangents, is_grads_batched=True)
     except RuntimeError as exc:
@@ -161,6 +197,7 @@ def tpt_adapt(
         raise ValueError(f"view_features: expected (B, V, D), got {tuple(view_features.shape)}")
     b = view_features.shape[0]
     scale = learner.backbone.logit_scale
+    groups = getattr(learner, "groups", None)  # TCA: the class of each attribute prompt
     feats = view_features.to(learner.ctx.device, torch.promote_types(view_features.dtype, torch.float32))
     ctx = learner.ctx.detach()[None].repeat(b, 1, 1).requires_grad_(True)  # reset per image
     optimizer = torch.optim.AdamW([ctx], lr=config.lr, betas=config.betas, eps=config.eps,
@@ -173,10 +210,10 @@ def tpt_adapt(
         else:
             with _autocast(config, ctx.device):
                 text = learner.contexts_features(ctx)
-            view_logits = _view_logits(feats, text, scale, "bvd,bcd->bvc")
+            view_logits = class_logits(_view_logits(feats, text, scale, "bvd,bcd->bvc"), groups)
             if chosen is None or config.reselect:
                 chosen = confident_views(view_logits.detach(), config.selection)
-            loss = _image_losses(view_logits, text, config, chosen).sum()  # sum: each image keeps its gradient
+            loss = _image_losses(view_logits, text, config, chosen, groups).sum()  # each image keeps its gradient
             grad = torch.autograd.grad(loss, ctx)[0]
         ctx.grad = grad.to(ctx.dtype)
         optimizer.step()
@@ -186,7 +223,7 @@ def tpt_adapt(
             text = learner.contexts_features(ctx[:1]).expand(b, -1, -1)
         else:
             text = learner.contexts_features(ctx)
-        logits = _view_logits(feats[:, 0], text, scale, "bd,bcd->bc")
+        logits = class_logits(_view_logits(feats[:, 0], text, scale, "bd,bcd->bc"), groups)
     return logits, ctx.detach()
 
 
@@ -204,3 +241,22 @@ def tpt_adapt_ensemble(
         raise ValueError("tpt_adapt_ensemble: needs at least one template's learner")
     outputs = [tpt_adapt(learner, view_features, config) for learner in learners]
     return torch.stack([logits for logits, _ in outputs]).mean(dim=0), [ctx for _, ctx in outputs]
+
+
+def tca_learner(backbone: Any, classnames: list[str], attributes: dict[str, list[str]],
+                ctx_init: str = "a photo of a") -> PromptLearner:
+    """TCA's prompts "a photo of a {attr} {class}." for every attribute word of every class
+    (``attributes``: class name -> words), one shared context initialised from ``ctx_init``; the
+    learner's ``groups`` give each prompt's class, which :func:`tpt_adapt` uses for the
+    attribute-marginalised class probabilities and the inter/intra regulariser."""
+    missing = [c for c in classnames if not attributes.get(c)]
+    if missing:
+        raise ValueError(f"attributes: no attribute words for class(es) {missing}")
+    prompts, groups = [], []
+    for c, name in enumerate(classnames):
+        for word in attributes[name]:
+            prompts.append(f"{word} {name}")
+            groups.append(c)
+    learner = PromptLearner(backbone, prompts, init="words", init_words=ctx_init)
+    learner.groups = torch.tensor(groups)
+    return learner
