@@ -264,3 +264,52 @@ def test_the_ensemble_equals_each_template_alone_averaged(tmp_path, demo_root, d
     with pytest.raises(ValueError, match="--ensemble"):
         execute_tpt_run(run_config(demo_root, tmp_path / "cache", method=method, ensemble="tpt4",
                                    ctx_init="a photo of a"), tmp_path / "runs")
+
+
+# -- TCA as a run ---------------------------------------------------------------------------------
+DEMO_ATTRIBUTES = {"adipose tissue": ["stained", "histology"], "lymphocytes": ["stained", "microscopy", "section"],
+                   "cancer-associated stroma": ["patch"], "colorectal adenocarcinoma epithelium": ["image", "histology"]}
+
+
+def test_tca_run_equals_the_algorithm_and_validates_its_attribute_file(tmp_path, demo_root, demo_backbone):
+    from calibprompt.methods.tpt import tca_learner, tpt_adapt
+    from calibprompt.runs.apply import load_run
+
+    attributes = tmp_path / "attributes.json"
+    attributes.write_text(json.dumps(DEMO_ATTRIBUTES))
+    result = execute_tpt_run(run_config(demo_root, tmp_path / "cache", method="tca", attributes=str(attributes),
+                                        limit=6), tmp_path / "runs")
+    record = json.loads((result.directory / "config.json").read_text())
+    assert record["attributes"] == DEMO_ATTRIBUTES and "attributes_digest" in record["identity"]["config"]
+    assert record["identity"]["config"]["lam"] == 50.0 and record["identity"]["config"]["beta"] == 50.0
+    preds = np.load(result.directory / "predictions.npz")
+    config = TPTRunConfig("demo", "demo", str(demo_root), method="tca", attributes=str(attributes), views=16).resolved()
+    store = FeatureStore(tmp_path / "cache")
+    files = [demo_root / "demo" / "images" / "test" / f for f in preds["test_files"]]
+    views = store.views(demo_backbone, files, 16, kind="test_time", augmix=True, aug_seed=1, num_workers=0,
+                        progress=False)
+    learner = tca_learner(demo_backbone, list(record["classnames"]), DEMO_ATTRIBUTES)
+    expected, _ = tpt_adapt(learner, views.features, config.tpt_config())
+    assert preds["test_logits"].shape == (6, 4)
+    np.testing.assert_allclose(preds["test_logits"], expected.double().numpy(), atol=1e-5)
+    new = load_run(result.directory).predict(files[:2], cache=tmp_path / "cache", progress=False, workers=0)
+    np.testing.assert_allclose(new.logits, preds["test_logits"][:2], atol=1e-5)
+    # the same words under another file name: the same run; other words: another run
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps(DEMO_ATTRIBUTES, indent=2))
+    again = execute_tpt_run(run_config(demo_root, tmp_path / "cache", method="tca", attributes=str(moved), limit=6),
+                            tmp_path / "runs")
+    assert again.skipped and again.directory == result.directory
+    for bad, match in (({**DEMO_ATTRIBUTES, "lymphocytes": []}, "non-empty list"),
+                       ({k: v for k, v in DEMO_ATTRIBUTES.items() if k != "lymphocytes"}, "missing \\['lymphocytes'\\]"),
+                       ({**DEMO_ATTRIBUTES, "lymphocyte": ["x"]}, "unknown \\['lymphocyte'\\]"),
+                       (["stained"], "JSON object")):
+        attributes.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            execute_tpt_run(run_config(demo_root, tmp_path / "cache", method="tca", attributes=str(attributes)),
+                            tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="--beta/--attributes apply to --method tca"):
+        run_config(demo_root, tmp_path / "cache", method="ctpt", beta=1.0).resolved()
+    with pytest.raises(ValueError, match="--attributes"):
+        run_config(demo_root, tmp_path / "cache", method="tca").resolved()

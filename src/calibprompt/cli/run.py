@@ -149,7 +149,7 @@ def register(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     add_run_output_options(p)
     p.set_defaults(func=cmd_zeroshot)
 
-    p = add("tpt", "test-time prompt tuning over a test set: TPT, C-TPT, O-TPT, SoC, A-TPT (or zero-shot)", EXAMPLES["tpt"])
+    p = add("tpt", "test-time prompt tuning over a test set: TPT, C-TPT, O-TPT, SoC, A-TPT, TCA (or zero-shot)", EXAMPLES["tpt"])
     add_config_options(p, TPTRunConfig, exclude=("method",))
     method = TPTRunConfig.__dataclass_fields__["method"]
     p.add_argument("--method", nargs="+", default=[method.default], choices=list(method.metadata["choices"]),

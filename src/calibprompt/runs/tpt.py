@@ -90,6 +90,9 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "otpt_fro": {"lam": 18.0},
     "soc": {"lam": 50.0, "delta": losses.SOC_DELTA},
     "atpt": {"lam": 80.0},  # A-TPT's fine-grained value (10 for natural distribution shift)
+    # TCA: alpha (inter) and beta (intra); no published values established here -- C-TPT's lambda
+    # for the same kind of dispersion of class means, our choice (tune them: --tune auto)
+    "tca": {"lam": 50.0, "beta": 50.0},
 }
 
 #: ``--tune auto``: the ranges searched per method (our choice, covering every published value:
@@ -101,6 +104,7 @@ TPT_SEARCH: dict[str, tuple[str, ...]] = {
     "otpt_fro": ("lam=1:100:log",),
     "soc": ("lam=1:100:log", "delta=0.05:1:log"),
     "atpt": ("lam=1:100:log",),
+    "tca": ("lam=1:100:log", "beta=1:100:log"),
 }
 
 #: Protocols: ``published`` is the TPT papers' protocol on fine-grained datasets (AugMix views);
@@ -118,10 +122,11 @@ PART_IMAGES = 64
 #: Fields that do not change a run's result (``protocol`` only supplies defaults, which are
 #: resolved into the other fields).
 NON_EFFECTIVE = ("root", "weights", "device", "cache", "workers", "batch_size", "progress", "protocol",
-                 "precision", "init_prompt", "n_bins", "skip_unreadable", "test_fraction")
+                 "precision", "init_prompt", "n_bins", "skip_unreadable", "test_fraction", "attributes")
 
 #: Fields of the adaptation step, which zero-shot does not take (not part of its identity).
-ADAPTATION_FIELDS = ("lam", "delta", "selection", "steps", "lr", "weight_decay", "views", "augmix", "reselect")
+ADAPTATION_FIELDS = ("lam", "delta", "beta", "selection", "steps", "lr", "weight_decay", "views", "augmix",
+                     "reselect")
 
 
 def _protocol(key: str) -> str:
@@ -141,6 +146,10 @@ class TPTRunConfig(RunConfigBase):
                                default_text=", ".join(f"{m} {d['lam']:g}" for m, d in METHOD_DEFAULTS.items()
                                                       if d.get("lam")))
     delta: float | None = option(None, help="SoC Huber threshold", default_text=f"{losses.SOC_DELTA:g}")
+    beta: float | None = option(None, help="TCA: weight of the intra-class dispersion (--lam weights the inter-class "
+                                           "one)", default_text=f"{METHOD_DEFAULTS['tca']['beta']:g}")
+    attributes: str | None = option(None, help="TCA: a JSON file mapping each class name to its attribute words, e.g. "
+                                               '{"adipose tissue": ["fatty", "pale"], ...}', metavar="FILE")
     views: int | None = option(None, help="views per image incl. the original", default_text=_protocol("views"))
     augmix: bool | None = option(None, help="AugMix on the augmented views", default_text=_protocol("augmix"))
     selection: float | None = option(None, help="fraction of lowest-entropy views kept",
@@ -196,6 +205,13 @@ class TPTRunConfig(RunConfigBase):
             raise ValueError(f"lam: {self.method} has no regulariser; --lam applies to ctpt, otpt, otpt_fro, soc")
         if self.method != "soc" and self.delta is not None:
             raise ValueError(f"delta: only SoC has a Huber threshold, not {self.method}")
+        if self.method != "tca" and (self.beta is not None or self.attributes is not None):
+            raise ValueError(f"--beta/--attributes apply to --method tca, not {self.method}")
+        if self.method == "tca":
+            if self.attributes is None:
+                raise ValueError("--attributes: TCA needs a JSON file of attribute words per class")
+            if self.ensemble is not None:
+                raise ValueError("--ensemble: TCA has its own prompts (one per attribute); use one or the other")
         if self.ensemble is not None:
             if self.ensemble not in TEMPLATE_SETS:
                 raise ValueError(f"ensemble: expected one of {', '.join(TEMPLATE_SETS)}, got {self.ensemble!r}")
@@ -204,12 +220,12 @@ class TPTRunConfig(RunConfigBase):
                                  "--init-prompt apply to the single-prompt setting")
         if self.tune is not None:
             check_tuning_options(self)
-            if self.lam is not None or self.delta is not None:
-                raise ValueError("--lam/--delta fix what --tune auto would choose; give one or the other")
+            if self.lam is not None or self.delta is not None or self.beta is not None:
+                raise ValueError("--lam/--delta/--beta fix what --tune auto would choose; give one or the other")
             self.search_space()
         else:
             check_untuned(self)
-        defaults = {**PROTOCOLS[self.protocol], "lam": 0.0, "delta": losses.SOC_DELTA,
+        defaults = {**PROTOCOLS[self.protocol], "lam": 0.0, "delta": losses.SOC_DELTA, "beta": 0.0,
                     **METHOD_DEFAULTS[self.method]}
         if self.method == "zeroshot":
             defaults["steps"] = 0
@@ -253,7 +269,7 @@ class TPTRunConfig(RunConfigBase):
 
     def tpt_config(self) -> TPTConfig:
         return TPTConfig(method="tpt" if self.method == "zeroshot" else self.method, lam=self.lam,
-                         delta=self.delta, selection=self.selection, steps=self.steps, lr=self.lr,
+                         delta=self.delta, beta=self.beta, selection=self.selection, steps=self.steps, lr=self.lr,
                          weight_decay=self.weight_decay, autocast=self.autocast, reselect=self.reselect)
 
     def effective(self) -> dict[str, Any]:
@@ -262,7 +278,8 @@ class TPTRunConfig(RunConfigBase):
         skip = (*NON_EFFECTIVE, *(ADAPTATION_FIELDS if self.method == "zeroshot" else ()),
                 *(() if self.needs_train else ("calib_per_class",)),  # runs without labelled splits: as before
                 "tune", "search", "trials", "tune_metric",
-                *(("ensemble",) if self.ensemble is None else ("ctx_init",)))  # single prompt: as before
+                *(("ensemble",) if self.ensemble is None else ("ctx_init",)),  # single prompt: as before
+                *(() if self.method == "tca" else ("beta",)))
         out = {**{k: v for k, v in asdict(self).items() if k not in skip}, **self.data_effective()}
         if self.tune:  # the search determines lam (and delta), not the fields
             space = self.search_space()
@@ -287,10 +304,13 @@ class TPTRunConfig(RunConfigBase):
             raise DataError(f"{asked}: {config.dataset}/train has only {train.class_counts().min()} image(s) in its "
                             "smallest class")
         backbone = cached_backbone(config.backbone, config.weights, config.device, config.precision)
+        attributes = _load_attributes(config.attributes, list(test.classnames)) if config.method == "tca" else None
         learner, prompt_digest = _initial_learner(backbone, list(test.classnames), config,
-                                                  train.templates if train is not None else test.templates)
+                                                  train.templates if train is not None else test.templates, attributes)
         store = FeatureStore(config.cache)
         effective = {**config.effective(), "init_prompt_digest": prompt_digest}
+        if attributes is not None:  # the words, by content (not the file's path)
+            effective["attributes_digest"] = hashlib.sha256(json.dumps(attributes, sort_keys=True).encode()).hexdigest()
         identity = RunIdentity(
             kind=self.kind, config=effective,
             data={"train": dataset_fingerprint(train, store) if train is not None else None,
@@ -298,11 +318,12 @@ class TPTRunConfig(RunConfigBase):
             backbone=backbone.fingerprint, protocol_version=PROTOCOL_VERSION,
             metrics_version=METRICS_VERSION, precision=config.precision, device_kind=kind)
         base = TPTRunConfig(config.backbone, config.dataset, config.root, method=config.method,
-                            protocol=config.protocol, tune=config.tune, search=config.search).resolved()
+                            protocol=config.protocol, tune=config.tune, search=config.search,
+                            attributes=config.attributes).resolved()
         defaults = {"calib_per_class": None, "ensemble": None, **base.effective(),
-                    "init_prompt_digest": None}  # named when set
+                    "init_prompt_digest": None, "attributes_digest": None}  # named when set
         name = run_name([f"seed{config.seed}"], effective, defaults, identity.run_id,
-                        skip=("method", "backbone", "dataset", "seed", "init_prompt_digest"))
+                        skip=("method", "backbone", "dataset", "seed", "init_prompt_digest", "attributes_digest"))
         if prompt_digest is not None:
             name = f"coop{prompt_digest[:6]}-{name}"
         method = f"tpt-{config.method}" + (TUNED_SUFFIX if config.tune else "")  # how reports name the row
@@ -313,6 +334,7 @@ class TPTRunConfig(RunConfigBase):
             tpt_record.update(dict.fromkeys(config.search_space(), "tuned"))
         record = {"tpt": tpt_record, "protocol": config.protocol,
                   **({"templates": [lrn.template for lrn in learner]} if config.ensemble else {}),
+                  **({"attributes": attributes} if attributes is not None else {}),
                   "init_prompt_digest": prompt_digest, **test_split_record(config, train, test)}
 
         def work(directory: RunDirectory) -> Outputs:
@@ -332,6 +354,10 @@ class TPTRunConfig(RunConfigBase):
         record = json.loads((Path(directory) / "config.json").read_text())
         if config.ensemble:  # every template's initial context, rebuilt from its words
             learner = _ensemble_learners(backbone, record["classnames"], record["templates"])
+        elif config.method == "tca":  # the attribute prompts, with the run's initial context
+            learner = tpt_method.tca_learner(backbone, record["classnames"], record["attributes"], config.ctx_init)
+            with torch.no_grad():
+                learner.ctx.copy_(load_file(str(Path(directory) / "prompt.safetensors"))["ctx"])
         else:
             learner = _learner_from_file(backbone, Path(directory) / "prompt.safetensors", record["classnames"])
         views = store.views(backbone, paths, _views(config), kind="test_time", augmix=config.augmix,
@@ -369,9 +395,42 @@ def _learner_from_file(backbone: Any, path: Path, classnames: list[str]):
     return learner
 
 
-def _initial_learner(backbone: Any, classnames: list[str], config: TPTRunConfig, dataset_templates: list[str]):
-    """The prompt every image starts from (see :func:`initial_learner`), or with ``ensemble`` one
-    learner per template of the set (:func:`calibprompt.prompts.template_set`)."""
+def _load_attributes(path: str, classnames: list[str]) -> dict[str, list[str]]:
+    """TCA's attribute words: a JSON object mapping every class name of the dataset to a non-empty
+    list of distinct words or short phrases (extra keys are an error too: a misspelt class)."""
+    file = Path(path).expanduser()
+    where = f"--attributes {file}"
+    if not file.is_file():
+        raise ValueError(f"{where}: no such file")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{where}: not JSON ({exc})") from None
+    example = '{"' + classnames[0] + '": ["word", "another word"], ...}'
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object of class name -> list of attribute words, e.g. {example}")
+    missing = [c for c in classnames if c not in data]
+    unknown = sorted(set(data) - set(classnames))
+    if missing or unknown:
+        raise ValueError(f"{where}: expected exactly the classes {classnames}; missing {missing}, unknown {unknown}")
+    out = {}
+    for name in classnames:
+        words = data[name]
+        if (not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words)
+                or len(set(words)) != len(words)):
+            raise ValueError(f"{where}: class {name!r} needs a non-empty list of distinct, non-empty strings, got "
+                             f"{words!r}")
+        out[name] = [w.strip() for w in words]
+    return out
+
+
+def _initial_learner(backbone: Any, classnames: list[str], config: TPTRunConfig, dataset_templates: list[str],
+                     attributes: dict[str, list[str]] | None = None):
+    """The prompt every image starts from (see :func:`initial_learner`); with ``ensemble`` one
+    learner per template of the set (:func:`calibprompt.prompts.template_set`); for TCA the
+    attribute prompts (:func:`calibprompt.methods.tpt.tca_learner`)."""
+    if attributes is not None:
+        return tpt_method.tca_learner(backbone, classnames, attributes, config.ctx_init), None
     if config.ensemble:
         return _ensemble_learners(backbone, classnames, template_set(config.ensemble, dataset_templates)), None
     return initial_learner(backbone, classnames, config.init_prompt, config.ctx_init, config.backbone)
@@ -453,7 +512,9 @@ def _adapt(learner: Any, features: torch.Tensor, config: TPTRunConfig, progress:
             if save_part is not None:
                 save_part(chunk, stacked)
             done.update(zip(chunk, stacked, strict=True))
-    classes = len((learner[0] if isinstance(learner, list) else learner).classnames)
+    first = learner[0] if isinstance(learner, list) else learner
+    groups = getattr(first, "groups", None)  # TCA: prompts per class
+    classes = int(groups.max()) + 1 if groups is not None else len(first.classnames)
     return np.stack([done[p] for p in range(n)]) if n else np.zeros((0, classes))
 
 
