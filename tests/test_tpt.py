@@ -319,3 +319,22 @@ def test_tca_loss_gradient_through_the_text_encoder_matches_finite_differences(l
     shared = _shared_first_gradient(learner, feats, config)
     (analytic,) = torch.autograd.grad(loss(ctx), ctx)
     assert torch.allclose(shared[0].double(), analytic, atol=1e-9)
+
+
+@pytest.mark.parametrize("config", [TPTConfig(method="ctpt", lam=50.0), TPTConfig(steps=2),
+                                    TPTConfig(steps=0), TPTConfig(method="atpt", lam=80.0)],
+                         ids=["ctpt", "two-steps", "zero-shot", "atpt"])
+def test_the_ensemble_batched_across_templates_equals_each_template_alone(demo_backbone, config):
+    """Templates of one context length run as K x B rows of one adaptation, others as their own
+    group; every template's logits and contexts equal its own tpt_adapt, and the prediction is
+    their mean."""
+    from calibprompt.methods.tpt import tpt_adapt_ensemble
+
+    words = ["a photo of a", "a photo of the", "a picture of", "a picture of the"]  # lengths 4, 4, 3, 4
+    learners = [PromptLearner(demo_backbone, CLASSES, init="words", init_words=w) for w in words]
+    feats = views(b=3)
+    mean, contexts = tpt_adapt_ensemble(learners, feats, config)
+    alone = [tpt_adapt(learner, feats, config) for learner in learners]
+    assert torch.allclose(mean, torch.stack([logits for logits, _ in alone]).mean(0), atol=1e-5)
+    for (_, ctx), got in zip(alone, contexts, strict=True):
+        assert got.shape == ctx.shape and torch.allclose(got, ctx, atol=1e-6)

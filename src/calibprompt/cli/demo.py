@@ -55,10 +55,13 @@ def _simulated(args: argparse.Namespace, console: Console) -> int:
 
 def _display(method: str) -> str:
     """How the demo's tables name a report row."""
+    tuned = method.endswith(TUNED_SUFFIX)
     base = method.removesuffix(TUNED_SUFFIX)
+    ensemble = base.endswith("-tpt4")  # the template ensemble: tpt-ctpt-tpt4
+    base = base.removesuffix("-tpt4")
     name = FULL_METHODS.get(base) or (f"full-FT {FINETUNE_NAMES[base[5:]]}" if base.startswith("full-")
-                                      else base.replace("tpt-", "test-time "))
-    return name + (", tuned" if base != method else "")
+                                      else "test-time " + base.removeprefix("tpt-"))
+    return name + (", 4 templates" if ensemble else "") + (", tuned" if tuned else "")
 
 
 def _decisions_table(report: DemoReport) -> Table:

@@ -23,6 +23,7 @@ from typing import Any
 
 from calibprompt.decisions import fit_conformal, fit_referral, referral_outcome, set_outcome
 from calibprompt.demo.tissue import write_demo_dataset
+from calibprompt.files import write_json
 from calibprompt.objective import PRESETS
 from calibprompt.plots import plot_certified_accuracy
 from calibprompt.runs import (
@@ -48,7 +49,15 @@ __all__ = ["CERTIFY_DEMO", "DEMO_METHODS", "DemoReport", "run_demo"]
 DEMO_METHODS: dict[str, str] = {"zeroshot": "zero-shot", "ce": "CE prompt tuning", "calibprompt": "CalibPrompt"}
 #: ``--full``: every objective preset, and the TPT family (display names "test-time <method>").
 FULL_METHODS: dict[str, str] = {**DEMO_METHODS, **{m: m for m in PRESETS if m not in DEMO_METHODS}}
-TPT_METHODS = ("zeroshot", "tpt", "ctpt", "otpt", "soc")
+TPT_METHODS = ("zeroshot", "tpt", "ctpt", "otpt", "soc", "atpt", "tca")
+#: ``--full``: the template-ensemble setting (the 4 templates of C-TPT's ensemble tables) for these.
+ENSEMBLE_METHODS = ("zeroshot", "tpt", "ctpt")
+#: TCA's attribute words for the demo classes. The embedded model knows 26 words, so they come from
+#: its vocabulary (staining and imaging words), not from the tissues' morphology: words it does not
+#: know would all become its unknown token.
+DEMO_ATTRIBUTES = {"adipose tissue": ["stained", "histology"], "lymphocytes": ["stained", "microscopy"],
+                   "cancer-associated stroma": ["section", "histology"],
+                   "colorectal adenocarcinoma epithelium": ["patch", "microscopy"]}
 #: The demo's small certification (PromptSmooth's zero-shot variant with and without AS): far
 #: fewer images and draws than the published protocol (500 images, n = 10,000), stated as such.
 CERTIFY_DEMO: dict[str, Any] = {"sigma": 0.25, "n0": 10, "n": 100, "alpha": 0.001, "subset": 16, "copies": 32}
@@ -109,9 +118,15 @@ def run_demo(
                                     seed=seed, regime="full", epochs=epochs, n_bins=n_bins, cache=str(out / "cache"),
                                     workers=0, progress=progress, **sizes)
                     for seed in seeds for method in FINETUNE_METHODS]
+        attributes = out / "data" / "demo_attributes.json"
+        write_json(attributes, DEMO_ATTRIBUTES)
         configs += [TPTRunConfig(backbone="demo", dataset="demo", root=str(data_root), method=method, seed=seed,
-                                 cache=str(out / "cache"), workers=0, progress=progress)
+                                 cache=str(out / "cache"), workers=0, progress=progress,
+                                 attributes=str(attributes) if method == "tca" else None)
                     for seed in seeds for method in TPT_METHODS]
+        configs += [TPTRunConfig(backbone="demo", dataset="demo", root=str(data_root), method=method, seed=seed,
+                                 cache=str(out / "cache"), workers=0, progress=progress, ensemble="tpt4")
+                    for seed in seeds for method in ENSEMBLE_METHODS]
         configs += [TPTRunConfig(backbone="demo", dataset="demo", root=str(data_root), method=method, seed=seed,
                                  cache=str(out / "cache"), workers=0, progress=progress, tune="auto")
                     for seed in seeds for method in TUNED_TPT_METHODS]
@@ -137,7 +152,8 @@ def run_demo(
                             title=f"demo: {CERTIFY_DEMO['subset']} test images, n = {CERTIFY_DEMO['n']}, "
                                   f"σ = {CERTIFY_DEMO['sigma']} (a small check, not the published protocol)")
     order = [*FULL_METHODS, *(f"{m}{TUNED_SUFFIX}" for m in TUNED_METHODS), *(f"full-{m}" for m in FINETUNE_METHODS),
-             *(f"tpt-{m}" for m in TPT_METHODS), *(f"tpt-{m}{TUNED_SUFFIX}" for m in TUNED_TPT_METHODS)]
+             *(f"tpt-{m}" for m in TPT_METHODS), *(f"tpt-{m}-tpt4" for m in ENSEMBLE_METHODS),
+             *(f"tpt-{m}{TUNED_SUFFIX}" for m in TUNED_TPT_METHODS)]
     rows = sorted(rows, key=lambda r: order.index(r.method))
     n_test = json.loads((runs[0] / "metrics.json").read_text())["uncalibrated"]["n_samples"]
     return DemoReport(rows, out, time.perf_counter() - start, written, n_test, certification,

@@ -191,39 +191,56 @@ def tpt_adapt(
     prompt (B, C) and the adapted contexts (B, n_ctx, W). ``steps=0`` is zero-shot with the
     initial prompt.
     """
+    feats = _check_views(learner, view_features)
+    return _adapt_rows(learner, feats, learner.ctx.detach()[None], config,
+                       lambda: _shared_first_gradient(learner, feats, config))
+
+
+def _check_views(learner: PromptLearner, view_features: torch.Tensor) -> torch.Tensor:
     if learner.class_specific:
         raise ValueError("tpt_adapt: needs a generic (shared) initial context")
     if view_features.ndim != 3:
         raise ValueError(f"view_features: expected (B, V, D), got {tuple(view_features.shape)}")
-    b = view_features.shape[0]
+    return view_features.to(learner.ctx.device, torch.promote_types(view_features.dtype, torch.float32))
+
+
+def _adapt_rows(learner: PromptLearner, feats: torch.Tensor, starts: torch.Tensor, config: TPTConfig,
+                first_gradient: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The algorithm on K x B rows: row k*B + i adapts image i from initial context ``starts[k]``
+    (K, n_ctx, W) -- K = 1 for one prompt, one per template for the ensemble. Every row's loss is
+    its own and AdamW is elementwise, so each row follows the trajectory it follows alone.
+    ``first_gradient()`` gives the rows' first gradients and confident views through the shared
+    initial forward (None: computed by a forward over the rows). Returns per-row logits (K*B, C)
+    and contexts."""
+    b, k = feats.shape[0], starts.shape[0]
     scale = learner.backbone.logit_scale
     groups = getattr(learner, "groups", None)  # TCA: the class of each attribute prompt
-    feats = view_features.to(learner.ctx.device, torch.promote_types(view_features.dtype, torch.float32))
-    ctx = learner.ctx.detach()[None].repeat(b, 1, 1).requires_grad_(True)  # reset per image
+    rows = feats.repeat(k, 1, 1)  # row k*B + i: image i
+    ctx = starts.repeat_interleave(b, dim=0).requires_grad_(True)  # reset per image
     optimizer = torch.optim.AdamW([ctx], lr=config.lr, betas=config.betas, eps=config.eps,
                                   weight_decay=config.weight_decay)
     chosen = None  # the confident views, selected at the first step (published) or every step
     for step in range(config.steps):
-        shared = _shared_first_gradient(learner, feats, config) if step == 0 and config.share_initial_forward else None
+        shared = first_gradient() if step == 0 and config.share_initial_forward else None
         if shared is not None:
             grad, chosen = shared
         else:
             with _autocast(config, ctx.device):
                 text = learner.contexts_features(ctx)
-            view_logits = class_logits(_view_logits(feats, text, scale, "bvd,bcd->bvc"), groups)
+            view_logits = class_logits(_view_logits(rows, text, scale, "bvd,bcd->bvc"), groups)
             if chosen is None or config.reselect:
                 chosen = confident_views(view_logits.detach(), config.selection)
-            loss = _image_losses(view_logits, text, config, chosen, groups).sum()  # each image keeps its gradient
+            loss = _image_losses(view_logits, text, config, chosen, groups).sum()  # each row keeps its gradient
             grad = torch.autograd.grad(loss, ctx)[0]
         ctx.grad = grad.to(ctx.dtype)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     with torch.no_grad(), _autocast(config, ctx.device):
-        if config.steps == 0:
-            text = learner.contexts_features(ctx[:1]).expand(b, -1, -1)
+        if config.steps == 0:  # zero-shot: one text pass per initial context
+            text = learner.contexts_features(starts).repeat_interleave(b, dim=0)
         else:
             text = learner.contexts_features(ctx)
-        logits = class_logits(_view_logits(feats[:, 0], text, scale, "bd,bcd->bc"), groups)
+        logits = class_logits(_view_logits(rows[:, 0], text, scale, "bd,bcd->bc"), groups)
     return logits, ctx.detach()
 
 
@@ -233,15 +250,37 @@ def tpt_adapt_ensemble(
     """The template-ensemble setting (C-TPT's "TPT_Ensemble"; as the one public implementation, the
     TCA repository, runs it): one model per template -- its own context initialised from that
     template's words, its own AdamW state, confident-view selection, entropy and regulariser over
-    its C class features -- each adapted by :func:`tpt_adapt` on the same views; the prediction is
-    the arithmetic mean of the templates' logits. Templates run one after another, each batched
-    over the images (with its shared initial forward). Returns the mean logits (B, C) and each
-    template's adapted contexts."""
+    its C class features -- all adapted on the same views; the prediction is the arithmetic mean
+    of the templates' logits. Returns the mean logits (B, C) and each template's adapted contexts.
+
+    Batched across images and templates: templates whose contexts have the same length (their
+    prompts then differ only in the context values) are K x B rows of one adaptation -- one text
+    pass for all rows at every later step and at the prediction -- and each template's first
+    gradient still comes from its own shared initial forward. Templates of other lengths are
+    adapted as groups of their own."""
     if not learners:
         raise ValueError("tpt_adapt_ensemble: needs at least one template's learner")
-    outputs = [tpt_adapt(learner, view_features, config) for learner in learners]
-    return torch.stack([logits for logits, _ in outputs]).mean(dim=0), [ctx for _, ctx in outputs]
+    feats = _check_views(learners[0], view_features)
+    b = feats.shape[0]
+    by_length: dict[int, list[int]] = {}
+    for i, learner in enumerate(learners):
+        by_length.setdefault(learner.ctx.shape[0], []).append(i)
+    logits: list[torch.Tensor | None] = [None] * len(learners)
+    contexts: list[torch.Tensor | None] = [None] * len(learners)
+    for members in by_length.values():
+        group = [learners[i] for i in members]
 
+        def first_gradient(group: list[PromptLearner] = group) -> tuple[torch.Tensor, torch.Tensor] | None:
+            parts = [_shared_first_gradient(learner, feats, config) for learner in group]
+            if any(part is None for part in parts):
+                return None
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+        starts = torch.stack([learner.ctx.detach() for learner in group])
+        out, ctx = _adapt_rows(group[0], feats, starts, config, first_gradient)
+        for j, i in enumerate(members):
+            logits[i], contexts[i] = out[j * b:(j + 1) * b], ctx[j * b:(j + 1) * b]
+    return torch.stack(logits).mean(dim=0), contexts
 
 def tca_learner(backbone: Any, classnames: list[str], attributes: dict[str, list[str]],
                 ctx_init: str = "a photo of a") -> PromptLearner:

@@ -326,9 +326,9 @@ class TPTRunConfig(RunConfigBase):
                         skip=("method", "backbone", "dataset", "seed", "init_prompt_digest", "attributes_digest"))
         if prompt_digest is not None:
             name = f"coop{prompt_digest[:6]}-{name}"
-        method = f"tpt-{config.method}" + (TUNED_SUFFIX if config.tune else "")  # how reports name the row
-        path = Path(slug(config.dataset)) / slug(config.backbone) / (f"tpt-{config.method}" + ("-tuned" if config.tune
-                                                                                              else "")) / name
+        folder = f"tpt-{config.method}" + (f"-{config.ensemble}" if config.ensemble else "")  # tpt-ctpt-tpt4
+        method = folder + (TUNED_SUFFIX if config.tune else "")  # how reports name the row
+        path = Path(slug(config.dataset)) / slug(config.backbone) / (folder + ("-tuned" if config.tune else "")) / name
         tpt_record = config.tpt_config().to_dict()
         if config.tune:  # chosen by the search (tuning.json), not the defaults tpt_config() holds
             tpt_record.update(dict.fromkeys(config.search_space(), "tuned"))
