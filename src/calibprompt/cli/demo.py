@@ -129,8 +129,8 @@ def register(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
                    help=help_with_default("prompt-tuning epochs", default_of(run_demo, "epochs")))
     p.add_argument("--full", action="store_true",
                    help="also every objective preset, full fine-tuning (CE, CalibPrompt) and the TPT family "
-                        "(zero-shot, TPT, C-TPT, O-TPT, SoC; C-TPT and SoC also with --tune auto); about 5 minutes on 2 CPU "
-                        "cores")
+                        "(zero-shot, TPT, C-TPT, O-TPT, SoC, A-TPT, TCA; zero-shot, TPT and C-TPT also with the 4-template "
+                        "ensemble; C-TPT and SoC also with --tune auto); about 5 minutes on 2 CPU cores")
     p.add_argument("--simulated", action="store_true",
                    help="instead: the calibrator demo on simulated overconfident logits")
     p.add_argument("--seed", type=int, default=default_of(run_calibration_demo, "seed"),
