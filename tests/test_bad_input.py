@@ -180,6 +180,7 @@ CASES = [
     Case("test fraction above 1", train("--test-fraction", "1.5"), ["--test-fraction", "between 0 and 1"]),
     Case("test fraction 0", train("--test-fraction", "0"), ["--test-fraction", "between 0 and 1"]),
     Case("negative workers", train("--workers", "-2"), ["--workers", "non-negative"]),
+    Case("half precision on the CPU", train("--precision", "fp16"), ["--precision", "fp16", "use fp32 or auto"]),
     Case("unknown regime", train("--regime", "partial"), ["--regime", "invalid choice: 'partial'"]),
     Case("save weights without full regime", train("--save-weights"), ["--save-weights", "--regime full only"]),
     Case("train logit scale without full regime", train("--train-logit-scale"), ["--regime full only"]),

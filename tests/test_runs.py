@@ -147,6 +147,8 @@ def test_precision_auto_resolves_per_device_and_is_recorded(demo_root, tmp_path)
         assert kind("demo", "demo", "x", precision="fp32", device="cuda").precision == "fp32"
     with pytest.raises(ValueError, match="precision: expected auto"):
         PromptRunConfig("demo", "demo", str(demo_root), precision="fp8").validate()
+    with pytest.raises(ValueError, match="on the CPU the encoder runs in fp32"):  # not a silent no-op
+        PromptRunConfig("demo", "demo", str(demo_root), precision="bf16").validate()
     result = execute_run(config(demo_root, tmp_path / "cache", epochs=1), tmp_path / "runs")
     record = json.loads((result.directory / "config.json").read_text())
     assert record["config"]["precision"] == "fp32" and record["identity"]["precision"] == "fp32"

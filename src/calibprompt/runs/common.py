@@ -89,8 +89,9 @@ class RunConfigBase:
     method: str = option("", help="the method")
     weights: str | None = option(None, help="hub id, local directory or file", default_text="the family's hub id")
     seed: int = option(1, help="seed of everything random in the run (splits, initialisation, views, batches)")
-    precision: str = option("auto", help="precision of the frozen backbone (trained parameters stay fp32: the "
-                                         "context, fine-tuned weights' master copy); part of a run's identity",
+    precision: str = option("auto", help="precision of the frozen backbone, autocast on an accelerator (trained "
+                                         "parameters stay fp32: the context, fine-tuned weights' master copy); part "
+                                         "of a run's identity",
                             choices=("auto", *PRECISIONS),
                             default_text="auto: fp16 on CUDA, fp32 elsewhere (recorded resolved)")
     device: str = option("cpu", help="torch device: cpu, cuda, cuda:1, mps")
@@ -126,6 +127,9 @@ class RunConfigBase:
                              "directory (created if missing)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected auto, {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision != "fp32" and str(self.device).split(":")[0] == "cpu":
+            raise ValueError(f"precision: {self.precision} is autocast on an accelerator; on the CPU the encoder runs in "
+                             "fp32 (a run asking for it would compute fp32 under another identity) -- use fp32 or auto")
         f = self.test_fraction
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1):
             raise ValueError(f"test_fraction: expected a number strictly between 0 and 1, got {f!r}")
