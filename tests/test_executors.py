@@ -98,7 +98,8 @@ def _compare(a_root, b_root):
     return runs
 
 
-def test_sweep_on_ray_equals_serial_and_restarts_skip_finished_runs(local_ray, demo_root, tmp_path, capsys):
+def test_sweep_on_ray_equals_serial_and_restarts_skip_finished_runs(local_ray, demo_root, tmp_path, capsys,
+                                                                     monkeypatch):
     path = _sweep(tmp_path, demo_root)
     assert main(["sweep", str(path), "--out", str(tmp_path / "serial")]) == 0
     assert main(["sweep", str(path), "--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0
@@ -108,6 +109,12 @@ def test_sweep_on_ray_equals_serial_and_restarts_skip_finished_runs(local_ray, d
     assert len(runs) == 10  # 8 trained + 2 zero-shot (the n_ctx grid does not apply to zero-shot: run once)
     assert (tmp_path / "ray" / "report.md").is_file()
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "ray").rglob("metrics.json")}
+    import calibprompt.runs.sweep as sweep_module
+
+    def no_units(*args, **kwargs):
+        raise AssertionError("a finished sweep dispatched units (and started Ray)")
+
+    monkeypatch.setattr(sweep_module, "map_units", no_units)  # every run is finished: no unit, no Ray
     assert main(["sweep", str(path), "--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0
     out = capsys.readouterr().out
     assert out.count("skipped (finished)") == 12 and " done," not in out

@@ -115,21 +115,28 @@ def _finalize(directory: RunDirectory, outputs: Outputs, plan: Plan) -> dict[str
     return metrics
 
 
+def finished_result(plan: Plan, out: str | Path) -> RunResult | None:
+    """The result of the finished run with ``plan``'s identity under ``out`` (skipped), or None
+    when it is not finished -- or finished without a file asked for now (e.g. --save-weights)."""
+    directory = RunDirectory(Path(out) / plan.path)
+    if not directory.finished or not all((directory.final / f).is_file() for f in plan.required_files):
+        return None
+    if read_record(directory.final).get("run_id") != plan.identity.run_id:
+        raise ValueError(f"{directory.final}: holds another run whose id starts with the same digits; move it away")
+    metrics = json.loads((directory.final / "metrics.json").read_text())
+    if metrics.get("n_bins") != plan.n_bins:  # the same run measured at other bins: no retraining
+        metrics = _rebinned(directory.final, metrics, plan.n_bins)
+    return RunResult(directory.final, metrics, skipped=True)
+
+
 def _open(plan: Plan, out: Path, force: bool) -> RunResult | RunDirectory:
     """A finished run with ``plan``'s identity (its result, skipped), or its directory under
     construction (begun, or resumed from an interrupted call)."""
+    done = None if force else finished_result(plan, out)
+    if done is not None:
+        return done
     directory = RunDirectory(Path(out) / plan.path)
-    if directory.finished and not force and not all((directory.final / f).is_file() for f in plan.required_files):
-        force = True  # finished without a file asked for now (e.g. --save-weights): redo it, then swap
-    if directory.finished and not force:
-        if read_record(directory.final).get("run_id") != plan.identity.run_id:
-            raise ValueError(f"{directory.final}: holds another run whose id starts with the same digits; "
-                             "move it away")
-        metrics = json.loads((directory.final / "metrics.json").read_text())
-        if metrics.get("n_bins") != plan.n_bins:  # the same run measured at other bins: no retraining
-            metrics = _rebinned(directory.final, metrics, plan.n_bins)
-        return RunResult(directory.final, metrics, skipped=True)
-    directory.begin(plan_record(plan), force=force)
+    directory.begin(plan_record(plan), force=force or directory.finished)  # finished but missing a file: redo
     return directory
 
 

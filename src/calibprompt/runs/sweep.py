@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from calibprompt.runs.apply import KINDS
-from calibprompt.runs.execute import RunResult, execute_group
+from calibprompt.runs.execute import RunResult, execute_group, finished_result
 from calibprompt.runs.executors import ExecutorOptions, check_executor, chunks, gpu_share, map_units
 from calibprompt.runs.report import write_report
 
@@ -199,6 +199,13 @@ def execute_runs(configs: list[Any], out: str | Path, force: bool = False,
     first: dict[str, int] = {}
     same = [first.setdefault(_same_run(config), i) for i, config in enumerate(configs)]
     unique = sorted(set(same))
+    results: list[RunResult | None] = [None] * len(configs)
+    if executor == "ray" and not force:  # finished runs are read here: Ray starts only for work left
+        finished_now = {i: finished_result(configs[i].plan(), target) for i in unique}
+        for i, result in finished_now.items():
+            if result is not None:
+                results[i] = result
+        unique = [i for i in unique if finished_now[i] is None]
     groups = lockstep_groups([configs[i] for i in unique]) if lockstep != 1 else [[k] for k in range(len(unique))]
     groups = [[unique[k] for k in group] for group in groups]
     if executor == "ray":  # a group is cut into as many pieces as units can run at once
@@ -210,7 +217,6 @@ def execute_runs(configs: list[Any], out: str | Path, force: bool = False,
     copies: dict[int, list[int]] = {}
     for j, i in enumerate(same):
         copies.setdefault(i, []).append(j)
-    results: list[RunResult | None] = [None] * len(configs)
     done = 0
 
     def finished(u: int, unit_results: list[RunResult]) -> None:
@@ -222,9 +228,17 @@ def execute_runs(configs: list[Any], out: str | Path, force: bool = False,
                     on_run(done, len(configs), configs[j], results[j])
                 done += 1
 
-    map_units(_sweep_unit, units, executor, address=address, workers=ray_workers, on_done=finished,
-              description="sweep: run groups", progress=quiet and any(c.progress for c in configs),
-              gpus=max((gpu_share(c.device) for c in configs), default=0.0))
+    for i in copies:  # runs found finished before any unit started
+        if results[i] is not None:
+            for j in copies[i]:
+                results[j] = results[i] if j == i else RunResult(results[i].directory, results[i].metrics, skipped=True)
+                if on_run is not None:
+                    on_run(done, len(configs), configs[j], results[j])
+                done += 1
+    if units:
+        map_units(_sweep_unit, units, executor, address=address, workers=ray_workers, on_done=finished,
+                  description="sweep: run groups", progress=quiet and any(c.progress for c in configs),
+                  gpus=max((gpu_share(c.device) for c in configs), default=0.0))
     return results  # type: ignore[return-value]
 
 
