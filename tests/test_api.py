@@ -95,3 +95,18 @@ def test_every_flag_has_help_and_shows_its_default():
             if not action.required and not isinstance(action, argparse._StoreTrueAction) and action.default is not None \
                     and action.default is not argparse.SUPPRESS:
                 assert "default" in action.help, (name, action.option_strings, action.help)
+
+
+
+def test_a_connection_error_is_not_reported_as_a_disk_problem(monkeypatch, capsys):
+    """ConnectionError is an OSError; the command line names it as what it is."""
+    import calibprompt.cli.results as results
+    from calibprompt.cli import main
+
+    def unreachable(args):
+        raise ConnectionError("could not connect to ray://10.0.0.1:10001")
+
+    monkeypatch.setattr(results, "cmd_report", unreachable)
+    assert main(["report", "somewhere"]) == 2
+    err = capsys.readouterr().err
+    assert "could not connect" in err and "check --address" in err and "free space" not in err

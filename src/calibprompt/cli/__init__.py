@@ -69,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = _flag_named(str(exc), getattr(parser, "flags", {}).get(args.command, {}))
         print(f"calibprompt {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # e.g. a Ray cluster (--address) that cannot be reached: not a disk problem
+        print(f"calibprompt {args.command}: error: {exc} (a connection failed: check --address and that the "
+              "cluster is running; finished runs are kept and the same command resumes)", file=sys.stderr)
+        return 2
     except OSError as exc:  # a read-only or full disk, a path that is not writable: outputs are atomic
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"calibprompt {args.command}: error: {where}{exc.strerror or exc} (nothing was left "
