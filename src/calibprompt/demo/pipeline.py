@@ -36,7 +36,9 @@ from calibprompt.runs import (
     load_run,
 )
 from calibprompt.runs.decide import (
+    CONFORMAL_FILE,
     PROBABILITIES,
+    REFERRAL_FILE,
     decision_probabilities,
     run_conformal,
     run_referral,
@@ -174,6 +176,10 @@ def _decisions(rows: list[Any], runs: list[Any]) -> list[dict[str, Any]]:
         for probabilities in PROBABILITIES:
             referral, sets = [], []
             for run in seeds:
+                if probabilities == "model":  # the rules run_demo stored in the run: their test outcome
+                    referral.append(json.loads((Path(run.directory) / REFERRAL_FILE).read_text())["test"])
+                    sets.append(json.loads((Path(run.directory) / CONFORMAL_FILE).read_text())["test"])
+                    continue
                 arrays = decision_probabilities(run, probabilities)
                 rule = fit_referral(arrays["calib_probs"], arrays["calib_labels"], **REFERRAL)
                 referral.append(referral_outcome(rule, arrays["test_probs"], arrays["test_labels"]))
